@@ -1,0 +1,66 @@
+"""The editor protocol: what :class:`~more_lightning.module.OnlineEditModule` asks of any editor.
+
+An editor is attached to a loaded model once (it may wrap modules or install hooks), gives the
+module a ``torch.optim.Optimizer`` for gradient writers, and is told about each edit's keys and
+its end. Evaluation forwards always run through the model the editor left behind (its wrappers,
+its hooks), so parameter-preserving editors fit too. The module never branches on the editor's
+name: everything editor-specific is a method here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from more_lightning.backbones.base import EditPoint
+
+
+class Editor:
+    """Base class; subclasses override what they need.
+
+    Attributes:
+        steps_per_edit: backward passes + ``optimizer.step()`` calls per edit request.
+        key_positions: ``"text"`` or ``"target"``: where text modules' keys are pooled.
+    """
+
+    steps_per_edit: int = 1
+    key_positions: str = "text"
+
+    def attach(self, model: nn.Module, edit_points: Sequence[EditPoint]) -> None:
+        """Prepare ``model`` for editing (wrap modules, freeze the rest)."""
+        raise NotImplementedError
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose ``step()`` writes an edit."""
+        raise NotImplementedError
+
+    def key_modules(self) -> dict[str, tuple[nn.Module, str]]:
+        """Modules whose input keys the editor needs, with their modality (empty: none)."""
+        return {}
+
+    def observe(self, optimizer: torch.optim.Optimizer, keys: dict[str, Tensor]) -> None:
+        """This edit's keys, per module path: (n, d_in) rows (pooled: n = 1). Called once per edit."""
+
+    def end_edit(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called after the last inner step of an edit."""
+
+    def written_modules(self) -> dict[str, nn.Module]:
+        """Modules whose effective weight the editor changes (for analyses of ΔW)."""
+        return {}
+
+    def delta_weight(self, name: str) -> Tensor:
+        """Current effective change of module ``name``'s weight, (d_out, d_in) float32."""
+        raise NotImplementedError
+
+    def state_bytes(self, optimizer: torch.optim.Optimizer) -> int:
+        """Bytes of state the editor keeps (written parameters + optimizer statistics)."""
+        total = 0
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                total += p.numel() * p.element_size()
+                for value in optimizer.state.get(p, {}).values():
+                    if isinstance(value, Tensor):
+                        total += value.numel() * value.element_size()
+        return total

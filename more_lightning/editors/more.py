@@ -1,0 +1,307 @@
+"""M-ORE: Modality-decoupled Online Recursive Editing (DESIGN §1; paper eq. 7–13).
+
+Each edited module ``l`` gets a fixed orthonormal write basis ``A_l`` (r × d_in) and an editable
+``B_l`` (d_out × r); its own preconditioner ``P_l = (I + S_l)^{-1}`` (r × r) lives in the
+optimizer's ``state``. Per edit, with the pooled projected key ``z = A_l k̄`` of this edit's buffer:
+
+    S_t = S_{t-1} + z zᵀ,  S_0 = λ I                                   (eq. 10)
+    P_t = P_{t-1} - P_{t-1} z zᵀ P_{t-1} / (1 + zᵀ P_{t-1} z)            (eq. 13, Sherman–Morrison)
+    B  ← B - η G P_t,      G = ∂L_edit/∂B   (d_out × r)                 (eq. 12)
+
+which is the minimiser of ‖ΔB + η G‖²_F + Tr(ΔB S_t ΔBᵀ) (eq. 11). Projector and text modules
+never share statistics: each module's P sees only its own keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from more_lightning.adapters.low_rank import LowRankLinear, wrap_linear
+from more_lightning.backbones.base import EditPoint
+from more_lightning.editors.base import Editor
+
+log = logging.getLogger(__name__)
+
+Prior = Literal["paper", "public"]
+WriteWith = Literal["current", "previous"]
+
+
+def sherman_morrison(P: Tensor, z: Tensor, denom_offset: float = 1.0) -> Tensor:
+    """``P - (P z)(P z)ᵀ / (c + zᵀ P z)`` for symmetric ``P`` (r × r) and ``z`` (r,).
+
+    With ``c = 1`` this is eq. 13: if ``P = (I + S)^{-1}`` then the result is ``(I + S + z zᵀ)^{-1}``.
+    With ``c = λ`` and ``P = λ (λ I + S)^{-1}`` it gives ``λ (λ I + S + z zᵀ)^{-1}`` (public-code form).
+    """
+    u = P @ z  # (r,)
+    return P - torch.outer(u, u) / (denom_offset + z @ u)
+
+
+def closed_form_write(G: Tensor, P: Tensor, eta: float) -> Tensor:
+    """``ΔB = -η G P`` (eq. 12): G (d_out × r), P (r × r) → (d_out × r)."""
+    return -eta * (G @ P)
+
+
+class MOREOptimizer(torch.optim.Optimizer):
+    """Closed-form preconditioned writer; one param group per edited module.
+
+    Args:
+        adapters: ``(module path, adapter, modality)`` per edited module.
+        eta: step size η for text modules.
+        lam: λ for text modules.
+        image_eta: η for image (projector) modules; default ``eta``.
+        image_lam: λ for image (projector) modules; default ``lam``.
+        prior: ``"paper"``: ``P = (I + S)^{-1}``, ``S_0 = λ I`` (eq. 10–13). ``"public"``: the
+            authors' code, ``P_0 = I`` and ``P ← P - u uᵀ / (λ + zᵀ u)``, i.e. ``P = λ (λ I + S)^{-1}``.
+        write_with: ``"current"`` writes with ``P_t`` (P already holds this edit's key, paper);
+            ``"previous"`` writes with ``P_{t-1}`` and folds the key in at the edit's end (public code).
+        pool: one pooled key per edit (rank-one update); ``False`` feeds every key row to S.
+        precondition: ``False`` makes ``P = I`` (plain low-rank fine-tuning, "LoRA-FT").
+        top_k: write only the ``top_k`` modules with the largest gradient norm per step (None: all).
+        stats_dtype: dtype of ``P`` (float32 or float64) whatever the model's dtype.
+    """
+
+    def __init__(
+        self,
+        adapters: Sequence[tuple[str, LowRankLinear, str]],
+        eta: float = 0.1,
+        lam: float = 2000.0,
+        image_eta: float | None = None,
+        image_lam: float | None = None,
+        prior: Prior = "paper",
+        write_with: WriteWith = "current",
+        pool: bool = True,
+        precondition: bool = True,
+        top_k: int | None = None,
+        stats_dtype: torch.dtype = torch.float64,
+    ) -> None:
+        image_eta = eta if image_eta is None else image_eta
+        image_lam = lam if image_lam is None else image_lam
+        for key, value in {"eta": eta, "lam": lam, "image_eta": image_eta, "image_lam": image_lam}.items():
+            if not value > 0:
+                raise ValueError(f"MOREOptimizer: {key} must be > 0, got {value}")
+        if prior not in ("paper", "public"):
+            raise ValueError(f"MOREOptimizer: prior must be 'paper' or 'public', got {prior!r}")
+        if write_with not in ("current", "previous"):
+            raise ValueError(f"MOREOptimizer: write_with must be 'current' or 'previous', got {write_with!r}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"MOREOptimizer: top_k must be >= 1 or None, got {top_k}")
+        if stats_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"MOREOptimizer: stats_dtype must be float32 or float64, got {stats_dtype}")
+        if not adapters:
+            raise ValueError("MOREOptimizer: no modules to edit")
+        groups = []
+        for name, adapter, modality in adapters:
+            params = [adapter.lora_B] + ([adapter.lora_A] if isinstance(adapter.lora_A, nn.Parameter) else [])
+            is_image = modality == "image"
+            groups.append(
+                {
+                    "params": params,
+                    "name": name,
+                    "modality": modality,
+                    "eta": image_eta if is_image else eta,
+                    "lam": image_lam if is_image else lam,
+                }
+            )
+        defaults = {"eta": eta, "lam": lam}
+        super().__init__(groups, defaults)
+        self.adapters = {name: adapter for name, adapter, _ in adapters}
+        self.prior = prior
+        self.write_with = write_with
+        self.pool = pool
+        self.precondition = precondition
+        self.top_k = top_k
+        self.stats_dtype = stats_dtype
+        self._pending: dict[str, Tensor] = {}
+
+    # --- statistics ----------------------------------------------------------------------------
+    def _state(self, group: dict) -> dict:
+        B = group["params"][0]
+        state = self.state[B]
+        if "P" not in state:
+            r = B.shape[1]
+            eye = torch.eye(r, dtype=self.stats_dtype, device=B.device)
+            # paper: P_0 = (I + λI)^{-1};  public code: P_0 = I (= λ (λ I)^{-1})
+            state["P"] = eye / (1.0 + group["lam"]) if self.prior == "paper" else eye
+            state["num_keys"] = torch.zeros((), dtype=torch.long)
+            state["num_writes"] = torch.zeros((), dtype=torch.long)
+        return state
+
+    def _fold_keys(self, group: dict, keys: Tensor) -> None:
+        """Rank-one Sherman–Morrison update(s) of the group's P with keys (n, d_in)."""
+        state = self._state(group)
+        A = self.adapters[group["name"]].lora_A.detach()  # (r, d_in)
+        keys = keys.to(device=A.device, dtype=A.dtype)
+        if self.pool:
+            keys = keys.mean(dim=0, keepdim=True)  # (1, d_in)
+        Z = (keys @ A.T).to(self.stats_dtype)  # (n, r) projected keys
+        offset = 1.0 if self.prior == "paper" else group["lam"]
+        P = state["P"]
+        for z in Z:
+            P = sherman_morrison(P, z, offset)
+        state["P"] = 0.5 * (P + P.T)  # keep exactly symmetric against round-off drift
+        state["num_keys"] += Z.shape[0]
+
+    @torch.no_grad()
+    def observe(self, keys: dict[str, Tensor]) -> None:
+        """This edit's keys per module path, (n, d_in) each (n = 1 when already pooled).
+
+        ``write_with="current"`` folds them into P now (so this edit's writes use ``P_t``);
+        ``"previous"`` defers that to :meth:`end_edit`.
+        """
+        if not self.precondition:
+            return
+        for group in self.param_groups:
+            k = keys.get(group["name"])
+            if k is None or k.numel() == 0:
+                continue
+            if self.write_with == "current":
+                self._fold_keys(group, k)
+            else:
+                self._pending[group["name"]] = k.detach()
+
+    @torch.no_grad()
+    def end_edit(self) -> None:
+        for group in self.param_groups:
+            k = self._pending.pop(group["name"], None)
+            if k is not None:
+                self._fold_keys(group, k)
+
+    # --- the write -----------------------------------------------------------------------------
+    def _selected(self) -> list[dict]:
+        groups = [g for g in self.param_groups if g["params"][0].grad is not None]
+        if self.top_k is None or len(groups) <= self.top_k:
+            return groups
+        norms = torch.stack([g["params"][0].grad.float().norm() for g in groups])
+        keep = set(torch.topk(norms, self.top_k).indices.tolist())
+        return [g for i, g in enumerate(groups) if i in keep]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One closed-form write ``B ← B - η G P`` per selected module (eq. 12)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self._selected():
+            B = group["params"][0]
+            state = self._state(group)
+            G = B.grad.to(self.stats_dtype)  # (d_out, r)
+            P = state["P"] if self.precondition else None
+            delta = closed_form_write(G, P, group["eta"]) if P is not None else -group["eta"] * G
+            B.add_(delta.to(B.dtype))
+            state["num_writes"] += 1
+            if len(group["params"]) > 1:  # freeze_A=False ablation: A follows its plain gradient
+                A = group["params"][1]
+                if A.grad is not None:
+                    A.add_(A.grad, alpha=-group["eta"])
+        return loss
+
+
+class MORE(Editor):
+    """The M-ORE editor: wraps each edit point in a :class:`LowRankLinear` and writes with
+    :class:`MOREOptimizer`.
+
+    Args:
+        r: rank of the write space (capped at a module's input width).
+        alpha: ``scaling = alpha / r``.
+        eta, lam: η and λ of text modules; ``image_eta`` / ``image_lam`` for the projector.
+        prior: ``"paper"`` (S_0 = λ I) or ``"public"`` (P_0 = I, 1/λ scaling).
+        write_with: ``"current"`` (P_t, paper) or ``"previous"`` (P_{t-1}, public code).
+        pool: rank-one pooled key per edit; ``False``: every key enters S.
+        freeze_A: keep A fixed (paper); ``False`` trains it (ablation).
+        top_k: write only the top-k modules by gradient norm per step.
+        steps_per_edit: inner closed-form writes per edit (P fixed within the edit).
+        key_positions: ``"text"`` or ``"target"`` positions for text modules' keys.
+        seed: seeds the write bases A.
+        stats_dtype: ``"float64"`` or ``"float32"`` for P.
+    """
+
+    precondition: bool = True
+
+    def __init__(
+        self,
+        r: int = 64,
+        alpha: float = 128.0,
+        eta: float = 0.1,
+        lam: float = 2000.0,
+        image_eta: float | None = None,
+        image_lam: float | None = None,
+        prior: Prior = "paper",
+        write_with: WriteWith = "current",
+        pool: bool = True,
+        freeze_A: bool = True,
+        top_k: int | None = None,
+        steps_per_edit: int = 1,
+        key_positions: str = "text",
+        seed: int = 0,
+        stats_dtype: str = "float64",
+    ) -> None:
+        if r < 1:
+            raise ValueError(f"r must be >= 1, got {r}")
+        if steps_per_edit < 1:
+            raise ValueError(f"steps_per_edit must be >= 1, got {steps_per_edit}")
+        if key_positions not in ("text", "target"):
+            raise ValueError(f"key_positions must be 'text' or 'target', got {key_positions!r}")
+        if stats_dtype not in ("float32", "float64"):
+            raise ValueError(f"stats_dtype must be 'float32' or 'float64', got {stats_dtype!r}")
+        self.r, self.alpha, self.seed, self.freeze_A = r, alpha, seed, freeze_A
+        self.optim_kwargs = {
+            "eta": eta,
+            "lam": lam,
+            "image_eta": image_eta,
+            "image_lam": image_lam,
+            "prior": prior,
+            "write_with": write_with,
+            "pool": pool,
+            "top_k": top_k,
+            "stats_dtype": getattr(torch, stats_dtype),
+        }
+        self.steps_per_edit = steps_per_edit
+        self.key_positions = key_positions
+        self.adapters: list[tuple[str, LowRankLinear, str]] = []
+
+    def attach(self, model: nn.Module, edit_points: Sequence[EditPoint]) -> None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.adapters = [
+            (pt.path, wrap_linear(model, pt.path, self.r, self.alpha, self.seed, self.freeze_A), pt.modality)
+            for pt in edit_points
+        ]
+        log.info("%s edits %d modules: %s", type(self).__name__, len(self.adapters), [n for n, _, _ in self.adapters])
+
+    def configure_optimizer(self) -> MOREOptimizer:
+        if not self.adapters:
+            raise RuntimeError("attach() the editor to a model before configure_optimizer()")
+        return MOREOptimizer(self.adapters, precondition=self.precondition, **self.optim_kwargs)
+
+    def key_modules(self) -> dict[str, tuple[nn.Module, str]]:
+        if not self.precondition:
+            return {}
+        return {name: (adapter, modality) for name, adapter, modality in self.adapters}
+
+    def observe(self, optimizer: MOREOptimizer, keys: dict[str, Tensor]) -> None:
+        optimizer.observe(keys)
+
+    def end_edit(self, optimizer: MOREOptimizer) -> None:
+        optimizer.end_edit()
+
+    def written_modules(self) -> dict[str, nn.Module]:
+        return {name: adapter for name, adapter, _ in self.adapters}
+
+    def delta_weight(self, name: str) -> Tensor:
+        return self.written_modules()[name].get_delta_weight().detach()
+
+
+class LoRAFT(MORE):
+    """Naive low-rank fine-tuning: M-ORE's write interface with ``P = I`` (``B ← B - η G``).
+
+    The paper's "naive finetuning" baseline; same arguments as :class:`MORE` (``lam``, ``prior``
+    and ``pool`` have no effect).
+    """
+
+    precondition = False
