@@ -1,0 +1,329 @@
+"""Read, validate and write MMEdit (E-VQA / E-IC) files — the schema of DESIGN §5.
+
+A file is a JSON list (or a ``.jsonl`` file, one object a line) of flat records with the 11 string keys of
+:data:`~more_lightning.data.records.MMEDIT_KEYS`. Image fields are paths relative to a root given separately:
+``image`` and ``m_loc`` to the COCO root (``val2014/COCO_val2014_000000123.jpg``), ``image_rephrase`` to the
+rephrase root (``val2014_image_rephrase/xxx.png``).
+
+:func:`read_mmedit` validates every record before it returns, so a bad record fails at load time with a
+:class:`RecordError` naming the file, the record index and the field, never halfway through a stream.
+Real-data dirt is accepted: surrounding whitespace and embedded newlines (stripped / folded to a space by
+default), non-ASCII text, ``alt == pred`` (kept, with one warning per file) and grayscale JPEGs
+(:func:`load_image` converts to RGB).
+
+:func:`write_mmedit` is the writer the embedded benchmark generator uses; it runs the same
+:func:`validate_record` and replaces the target file atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from more_lightning.data.records import MMEDIT_KEYS, EditRecord
+
+logger = logging.getLogger(__name__)
+
+#: Fields holding a path relative to an image root; the rest are text.
+IMAGE_FIELDS: tuple[str, ...] = ("image", "image_rephrase", "m_loc")
+#: Text fields that must be non-empty: without them there is no edit to make.
+REQUIRED_TEXT_FIELDS: tuple[str, ...] = ("src", "alt")
+#: How many record indices a once-per-file warning lists.
+_WARN_MAX_INDICES = 5
+# A run of whitespace that holds a line break: folded to one space when stripping.
+_NEWLINE_RUN = re.compile(r"\s*[\r\n]+\s*")
+_JSON_TYPE_NAMES = {
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    type(None): "null",
+    list: "array",
+    dict: "object",
+    str: "string",
+}
+
+
+class DataFileError(ValueError):
+    """A data file (or an image it names) cannot be used; the message names the file and says how to fix it."""
+
+
+class RecordError(DataFileError):
+    """One record of an MMEdit file is unusable.
+
+    The message always names the file, the record index and the field, e.g.
+    ``vqa_eval.json record 17, field 'alt': empty target — every record needs a non-empty 'alt'``.
+
+    Args:
+        where: the file name and record index, e.g. ``"vqa_eval.json record 17"``.
+        field: the offending key; ``None`` when the record as a whole is wrong (not a JSON object).
+        problem: what is wrong.
+        fix: how to fix it.
+    """
+
+    def __init__(self, where: str, field: str | None, problem: str, fix: str) -> None:
+        self.where = where
+        self.field = field
+        location = f"{where}, field {field!r}" if field is not None else f"{where} (whole record)"
+        super().__init__(f"{location}: {problem} — {fix}")
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def validate_record(raw: dict, where: str) -> None:
+    """Check one raw MMEdit record without touching the file system.
+
+    Checks: ``raw`` is a dict; all 11 keys are present and hold strings; ``src`` and ``alt`` are non-empty
+    after stripping; image fields are non-empty relative paths. Whether an image path stays inside its root
+    and opens is checked by :func:`read_mmedit`, which knows the roots.
+
+    Args:
+        raw: the record as parsed from JSON.
+        where: file name and record index for the error message, e.g. ``"vqa_eval.json record 17"``.
+
+    Raises:
+        RecordError: naming ``where`` and the first offending field.
+    """
+    if not isinstance(raw, dict):
+        raise RecordError(
+            where, None, f"expected a JSON object, found {_json_type(raw)}", "each list item must be an object"
+        )
+    missing = [key for key in MMEDIT_KEYS if key not in raw]
+    if missing:
+        raise RecordError(
+            where,
+            missing[0],
+            f"missing key (missing: {', '.join(missing)}; present: {', '.join(map(str, raw)) or 'none'})",
+            f"every record needs the 11 MMEdit keys: {', '.join(MMEDIT_KEYS)}",
+        )
+    for key in MMEDIT_KEYS:
+        value = raw[key]
+        if not isinstance(value, str):
+            raise RecordError(
+                where,
+                key,
+                f"expected a string, found {_json_type(value)} ({value!r:.60})",
+                "write the value as a JSON string (quoted)",
+            )
+    for key in REQUIRED_TEXT_FIELDS:
+        if not raw[key].strip():
+            what = "empty target" if key == "alt" else "empty prompt"
+            raise RecordError(where, key, what, f"every record needs a non-empty {key!r}")
+    for key in IMAGE_FIELDS:
+        _check_relative(raw[key].strip(), where, key)
+
+
+def _check_relative(rel: str, where: str, field: str) -> None:
+    if not rel:
+        raise RecordError(where, field, "empty image path", "give the image path relative to its root")
+    if Path(rel).is_absolute() or rel.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:[\\/]", rel):
+        raise RecordError(
+            where,
+            field,
+            f"absolute image path {rel!r}",
+            "give the path relative to its root (e.g. 'val2014/COCO_val2014_000000123.jpg') and set the root",
+        )
+
+
+def resolve_inside(rel: str, root: Path, where: str, field: str) -> Path:
+    """Join ``rel`` to ``root`` and refuse a result outside ``root`` (a ``../`` escape).
+
+    The containment check is lexical (``os.path.normpath`` on absolute paths), not ``Path.resolve``: dataset
+    folders are often symlinks to other disks (``coco/val2014 -> /mnt/coco/val2014``), and following them
+    would wrongly report a legitimate path as escaping its root.
+    """
+    _check_relative(rel, where, field)
+    base = Path(os.path.normpath(root.absolute()))
+    path = Path(os.path.normpath(base / rel))
+    if not path.is_relative_to(base):
+        raise RecordError(
+            where,
+            field,
+            f"image path {rel!r} leaves its root {base}",
+            "remove '..' so the path stays inside the root, or point the root at a folder that contains it",
+        )
+    return path
+
+
+def _clean(value: str, strip: bool) -> str:
+    return _NEWLINE_RUN.sub(" ", value.strip()) if strip else value
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open an image and return it as RGB (COCO holds grayscale and CMYK JPEGs).
+
+    Raises:
+        DataFileError: naming ``path`` when the file is missing or not an image PIL can read.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError as exc:
+        raise DataFileError(f"{path}: image file not found — check the image root setting") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises all three for corrupt files
+        raise DataFileError(f"{path}: cannot read image ({exc}) — replace the file with a valid JPEG/PNG") from exc
+
+
+def _check_image(path: Path, where: str, field: str, seen: set[Path]) -> None:
+    if path in seen:
+        return
+    if not path.is_file():
+        raise RecordError(where, field, f"image file not found: {path}", "check the image root setting")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RecordError(
+            where, field, f"unreadable image {path} ({exc})", "replace the file with a valid JPEG/PNG"
+        ) from exc
+    seen.add(path)
+
+
+def _parse_json(path: Path, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataFileError(
+            f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} (char {exc.pos}): {exc.msg} — "
+            "fix the file there or re-download it"
+        ) from exc
+
+
+def _load_raw(path: Path) -> list[Any]:
+    """The file's records as parsed JSON values, before any validation."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError as exc:
+        raise DataFileError(f"{path}: file not found — check the data path setting") from exc
+    except UnicodeDecodeError as exc:
+        raise DataFileError(f"{path}: not UTF-8 text ({exc}) — save the file as UTF-8") from exc
+    if path.suffix.lower() == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataFileError(
+                        f"{path}: malformed JSON on line {lineno} column {exc.colno}: {exc.msg} — "
+                        "each line of a .jsonl file must be one complete JSON object"
+                    ) from exc
+        return records
+    data = _parse_json(path, text)
+    if not isinstance(data, list):
+        raise DataFileError(
+            f"{path}: top level is a JSON {_json_type(data)}, expected a list of records — "
+            "an MMEdit file is a JSON list of objects (use a .jsonl extension for one object per line)"
+        )
+    return data
+
+
+def _warn_indices(path: Path, indices: list[int], what: str) -> None:
+    if indices:
+        shown = ", ".join(map(str, indices[:_WARN_MAX_INDICES])) + (", ..." if len(indices) > _WARN_MAX_INDICES else "")
+        logger.warning("%s: %d record(s) %s (indices %s); they are kept", path.name, len(indices), what, shown)
+
+
+def read_mmedit(
+    path: str | Path,
+    image_root: str | Path,
+    rephrase_root: str | Path,
+    m_loc_root: str | Path | None = None,
+    strip: bool = True,
+    check_images: bool = True,
+    limit: int | None = None,
+) -> list[EditRecord]:
+    """Read and fully validate an MMEdit file (``.json`` list or ``.jsonl``).
+
+    Args:
+        path: the file, e.g. ``data/mmedit/vqa_eval.json``.
+        image_root: COCO root that ``image`` is relative to (holds ``val2014/``).
+        rephrase_root: root that ``image_rephrase`` is relative to (holds ``val2014_image_rephrase/``).
+        m_loc_root: root that ``m_loc`` is relative to; default ``image_root``.
+        strip: strip surrounding whitespace and fold embedded line breaks to one space in every value.
+        check_images: check that every image exists and PIL can open it (``verify``; decoding is left to
+            :func:`load_image`).
+        limit: read only the first ``limit`` records (and validate only those).
+
+    Returns:
+        One :class:`EditRecord` per record, in file order, with absolute image paths inside their roots.
+
+    Raises:
+        DataFileError: the file is missing, not UTF-8, malformed JSON or not a list.
+        RecordError: a record is unusable; names the file, record index and field.
+    """
+    path = Path(path)
+    roots = {"image": Path(image_root), "image_rephrase": Path(rephrase_root)}
+    roots["m_loc"] = Path(m_loc_root) if m_loc_root is not None else roots["image"]
+    raw_records = _load_raw(path)
+    if limit is not None:
+        raw_records = raw_records[: max(limit, 0)]
+    records: list[EditRecord] = []
+    same_answer: list[int] = []
+    empty_text: dict[str, list[int]] = {}
+    checked: set[Path] = set()
+    for index, raw in enumerate(raw_records):
+        where = f"{path.name} record {index}"
+        validate_record(raw, where)
+        values = {key: _clean(raw[key], strip) for key in MMEDIT_KEYS}
+        images = {key: resolve_inside(raw[key].strip(), roots[key], where, key) for key in IMAGE_FIELDS}
+        if check_images:
+            for key, image in images.items():
+                _check_image(image, where, key, checked)
+        if values["alt"].strip() == values["pred"].strip():
+            same_answer.append(index)
+        for key in MMEDIT_KEYS:
+            if key not in IMAGE_FIELDS and not values[key].strip():
+                empty_text.setdefault(key, []).append(index)
+        records.append(EditRecord(**{**values, **images}, source=f"{path.name}#{index}", index=index))
+    _warn_indices(path, same_answer, "have alt == pred, so their edit does not change the answer")
+    for key, indices in empty_text.items():
+        _warn_indices(path, indices, f"have an empty {key!r}")
+    logger.info("%s: read %d records", path, len(records))
+    return records
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_mmedit(path: str | Path, records: Iterable[dict]) -> None:
+    """Validate ``records`` and write them as one MMEdit JSON list, atomically.
+
+    The list is written to a temporary file in the target's folder and moved over ``path`` with
+    ``os.replace``, so a reader never sees half a file. UTF-8, non-ASCII kept as is, one-space indent.
+
+    Raises:
+        RecordError: a record fails :func:`validate_record`; nothing is written.
+    """
+    path = Path(path)
+    records = list(records)
+    for index, raw in enumerate(records):
+        validate_record(raw, f"{path.name} record {index}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(records, handle, ensure_ascii=False, indent=1)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    logger.info("%s: wrote %d records", path, len(records))

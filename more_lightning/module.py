@@ -1,0 +1,314 @@
+"""``OnlineEditModule``: one ``training_step`` = one edit request (DESIGN §2).
+
+Per edit t the module
+  1. encodes the edit tuple (edit, text rephrase, image rephrase, text / multimodal locality);
+  2. takes the locality reference distributions from θ_{t-1}, once, before any write;
+  3. runs ``steps_per_edit`` times: composite loss L_rel + L_gen + L_loc (paper eq. 19–22),
+     ``manual_backward``, ``optimizer.step()`` — the editor's write (keys are captured on the
+     first inner step and handed to the editor);
+  4. evaluates the edit immediately and logs every score against the edit index.
+After the stream a retention pass re-evaluates every edit on the final model; a summary table is
+logged and ``metrics.json`` written into the logger's run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from typing_extensions import override
+
+from more_lightning.backbones.base import Backbone, ModelInputs, shift_for_loss
+from more_lightning.data.records import EditTuple
+from more_lightning.editors.base import Editor
+from more_lightning.keys import KeyCapture
+from more_lightning.metrics import (
+    LocalityAgreement,
+    ModalGenerality,
+    ModalLocality,
+    Reliability,
+    TextGenerality,
+    TextLocality,
+    average_score,
+)
+from more_lightning.metrics.accuracy import exact_match, token_accuracy
+from more_lightning.metrics.locality import argmax_agreement, locality_score
+
+log = logging.getLogger(__name__)
+
+EDIT_KEYS = ("edit", "t_gen", "m_gen")  # supervised with the edit target
+LOC_KEYS = ("t_loc", "m_loc")  # compared with the pre-edit model
+SCORE_OF = {"edit": "rel", "t_gen": "t_gen", "m_gen": "m_gen", "t_loc": "t_loc", "m_loc": "m_loc"}
+
+
+@dataclass
+class Reference:
+    """Pre-edit (θ_{t-1}) log-probabilities at a locality query's answer positions."""
+
+    logp: Tensor  # (1, T-1, V), float32 on the model's device
+    mask: Tensor  # (1, T-1) bool
+
+
+def _nll(logits: Tensor, labels: Tensor) -> Tensor:
+    logits, labels = shift_for_loss(logits, labels)  # (B, T-1, V), (B, T-1)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def _kl(logits: Tensor, ref: Reference) -> Tensor:
+    """Mean over answer positions of KL(p_θ ‖ p_{t-1})."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)[ref.mask]  # (n, V)
+    return (logp.exp() * (logp - ref.logp[ref.mask])).sum(-1).mean()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class OnlineEditModule(LightningModule):
+    """Runs an online edit stream with any editor on any backbone.
+
+    Args:
+        backbone: where the model lives, where to edit it and how to build its inputs.
+        editor: the editor (M-ORE, LoRA-FT, FT-L, ...).
+        task: name of the task for reports (``eic``, ``evqa``, ...).
+        loc_weight: weight of the locality KL term in the composite loss.
+        gen_weight: weight of the generality NLL terms.
+        retention: re-evaluate every edit on the final model after the stream.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        editor: Editor,
+        task: str = "",
+        loc_weight: float = 1.0,
+        gen_weight: float = 1.0,
+        retention: bool = True,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.backbone = backbone
+        self.editor = editor
+        self.task = task
+        self.loc_weight = loc_weight
+        self.gen_weight = gen_weight
+        self.retention = retention
+        self.model, self.processor = backbone.load()
+        self.edit_points = backbone.edit_points(self.model)
+        self.image_token_id = backbone.image_token_id(self.processor, self.model)
+        editor.attach(self.model, self.edit_points)
+        self.keys = KeyCapture(editor.key_modules(), pool=getattr(editor, "optim_kwargs", {}).get("pool", True))
+        self.immediate = self._score_metrics()
+        self.retained = self._score_metrics()
+        self._references: dict[int, dict[str, Reference]] = {}
+        self._edit_seconds: list[float] = []
+        self.last_timing: dict[str, float] = {}
+        self.summary: dict | None = None
+
+    @staticmethod
+    def _score_metrics() -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict(
+            {
+                "rel": Reliability(),
+                "t_gen": TextGenerality(),
+                "m_gen": ModalGenerality(),
+                "t_loc": TextLocality(),
+                "m_loc": ModalLocality(),
+                "t_loc_agree": LocalityAgreement(),
+                "m_loc_agree": LocalityAgreement(),
+            }
+        )
+
+    # --- Lightning plumbing ----------------------------------------------------------------------
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.editor.configure_optimizer()
+
+    @override
+    def transfer_batch_to_device(self, batch: EditTuple, device: torch.device, dataloader_idx: int) -> EditTuple:
+        return batch  # raw text and PIL images; encode() moves tensors
+
+    def encode(self, batch: EditTuple) -> dict[str, ModelInputs]:
+        dtype = self.model.dtype
+        return {
+            name: self.backbone.encode(self.processor, q, self.image_token_id).to(self.device, dtype)
+            for name, q in batch.queries().items()
+        }
+
+    def logits(self, inputs: ModelInputs) -> Tensor:
+        return self.backbone.logits(self.model, inputs)
+
+    # --- the edit --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def references(self, inputs: dict[str, ModelInputs]) -> dict[str, Reference]:
+        """θ_{t-1}'s log-probabilities on the locality queries, computed once per edit."""
+        refs = {}
+        for name in LOC_KEYS:
+            logits, labels = shift_for_loss(self.logits(inputs[name]), inputs[name].labels)
+            refs[name] = Reference(F.log_softmax(logits.float(), dim=-1), labels != -100)
+        return refs
+
+    def edit_loss(self, inputs: dict[str, ModelInputs], refs: dict[str, Reference], capture: bool) -> Tensor:
+        """L_rel + gen_weight · L_gen + loc_weight · L_loc (eq. 19–22); keys recorded if ``capture``."""
+        loss = torch.zeros((), device=self.device)
+        weights = {"edit": 1.0, "t_gen": self.gen_weight, "m_gen": self.gen_weight}
+        for name, query in inputs.items():
+            positions = query.positions(self.editor.key_positions) if capture else None
+            with self.keys.record(positions) if capture else nullcontext():
+                logits = self.logits(query)
+            if name in weights:
+                loss = loss + weights[name] * _nll(logits, query.labels)
+            else:
+                loss = loss + self.loc_weight * _kl(logits, refs[name])
+        return loss
+
+    @override
+    def training_step(self, batch: EditTuple, batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        start = time.perf_counter()
+        inputs = self.encode(batch)
+        refs = self.references(inputs)
+        editor_seconds = 0.0
+        for inner in range(self.editor.steps_per_edit):
+            self.keys.reset()
+            loss = self.edit_loss(inputs, refs, capture=inner == 0)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            tick = time.perf_counter()
+            if inner == 0:
+                self.editor.observe(optimizer.optimizer, self.keys.keys())
+            optimizer.step()
+            editor_seconds += time.perf_counter() - tick
+        tick = time.perf_counter()
+        self.editor.end_edit(optimizer.optimizer)
+        editor_seconds += time.perf_counter() - tick
+        optimizer.zero_grad()
+        edit_seconds = time.perf_counter() - start
+        self._edit_seconds.append(edit_seconds)
+        self.last_timing = {"edit_seconds": edit_seconds, "editor_seconds": editor_seconds}
+        scores = self.evaluate(inputs, refs, self.immediate)
+        self._references[batch.index] = {k: Reference(v.logp.cpu(), v.mask.cpu()) for k, v in refs.items()}
+        step = batch.index + 1
+        self._log_scalars({f"immediate/{k}": v for k, v in scores.items()}, step)
+        self._log_scalars(
+            {"edit/loss": float(loss), "edit/seconds": edit_seconds, "edit/editor_seconds": editor_seconds}, step
+        )
+        self.log("rel", self.immediate["rel"].compute(), prog_bar=True, on_step=True, batch_size=1)
+        self.log(
+            "loc",
+            (self.immediate["t_loc"].compute() + self.immediate["m_loc"].compute()) / 2,
+            prog_bar=True,
+            on_step=True,
+            batch_size=1,
+        )
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(
+        self, inputs: dict[str, ModelInputs], refs: dict[str, Reference], metrics: torch.nn.ModuleDict
+    ) -> dict[str, float]:
+        """Scores of one edit in percent; also accumulated into ``metrics``."""
+        scores = {}
+        for name, query in inputs.items():
+            logits, labels = shift_for_loss(self.logits(query), query.labels)
+            key = SCORE_OF[name]
+            if name in EDIT_KEYS:
+                metrics[key].update(logits, labels)
+                scores[key] = 100 * float(token_accuracy(logits, labels)[0])
+                scores[f"{key}_em"] = 100 * float(exact_match(logits, labels)[0])
+            else:
+                ref = refs[name]
+                logp = F.log_softmax(logits.float(), dim=-1)
+                ref_logp, mask = ref.logp.to(logp.device), ref.mask.to(logp.device)
+                metrics[key].update(logp, ref_logp, mask)
+                metrics[f"{key}_agree"].update(logp, ref_logp, mask)
+                scores[key] = 100 * float(locality_score(logp, ref_logp, mask)[0])
+                scores[f"{key}_agree"] = 100 * float(argmax_agreement(logp, ref_logp, mask)[0])
+        scores["avg"] = average_score(scores)
+        return scores
+
+    # --- after the stream ------------------------------------------------------------------------
+    @override
+    def on_train_epoch_end(self) -> None:
+        if self.retention and self._references:
+            dataset = self.trainer.train_dataloader.dataset
+            for index, refs in sorted(self._references.items()):
+                inputs = self.encode(dataset[index])
+                self.evaluate(inputs, refs, self.retained)
+        self.summary = self._summary()
+        step = len(self._references)
+        for phase in ("immediate", "retention"):
+            self._log_scalars({f"final_{phase}/{k}": v for k, v in self.summary[phase].items()}, step)
+        self._write_summary()
+
+    def _totals(self, metrics: torch.nn.ModuleDict) -> dict[str, float]:
+        if metrics["rel"].update_count == 0:
+            return {}
+        totals = {k: float(metrics[k].compute()) for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc")}
+        totals["avg"] = average_score(totals)
+        return totals
+
+    @staticmethod
+    def _exact(metrics: torch.nn.ModuleDict) -> dict[str, float]:
+        if metrics["rel"].update_count == 0:
+            return {}
+        return {k: float(metrics[k].compute_exact_match()) for k in ("rel", "t_gen", "m_gen")}
+
+    def _summary(self) -> dict:
+        seconds = self._edit_seconds
+        return {
+            "editor": type(self.editor).__name__,
+            "backbone": f"{type(self.backbone).__name__}:{Path(self.backbone.path).name}",
+            "task": self.task,
+            "num_edits": len(self._references),
+            "immediate": self._totals(self.immediate),
+            "retention": self._totals(self.retained),
+            "locality_agreement": {
+                k: float(
+                    self.retained[f"{k}_agree"].compute() if self.retention else self.immediate[f"{k}_agree"].compute()
+                )
+                for k in LOC_KEYS
+            },
+            "exact_match": {"immediate": self._exact(self.immediate), "retention": self._exact(self.retained)},
+            "seconds_per_edit": float(sum(seconds) / len(seconds)) if seconds else 0.0,
+        }
+
+    def _write_summary(self) -> None:
+        if self.trainer is None or not self.trainer.is_global_zero:
+            return
+        s = self.summary
+        lines = [f"{'':10s}" + "".join(f"{k:>8s}" for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg"))]
+        for phase in ("immediate", "retention"):
+            if s[phase]:
+                lines.append(
+                    f"{phase:10s}"
+                    + "".join(f"{s[phase][k]:8.2f}" for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg"))
+                )
+        run_dir = Path(
+            self.logger.log_dir if self.logger is not None and self.logger.log_dir else self.trainer.default_root_dir
+        )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "metrics.json"
+        _atomic_write_text(path, json.dumps(s, indent=2))
+        rank_zero_info(
+            f"{s['editor']} on {s['backbone']} ({s['task']}), {s['num_edits']} edits, "
+            f"{s['seconds_per_edit']:.3f} s/edit\n" + "\n".join(lines) + f"\nmetrics written to {path}"
+        )
+
+    def _log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=step)
