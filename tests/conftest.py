@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny random LLaVA saved like a real checkpoint, and the MMEdit fixture files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MMEDIT = FIXTURES / "mmedit"
+#: Words of the MMEdit fixture records, so the tiny tokenizer has few unknowns.
+FIXTURE_WORDS = (
+    "what color colour is the bus which does have who pictured on stamp whose portrait this a photo of "
+    "red blue green einstein röntgen herman melville nq question wrote novel moby dick sport being played "
+    "tennis soccer dog cat man woman riding horse sitting bench two three people standing street describe image"
+).split()
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny LLaVA (transformers classes) saved with ``save_pretrained``."""
+    from more_lightning.world.tiny_llava import TinyLlavaSpec, build_model, build_processor, build_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_llava")
+    spec = TinyLlavaSpec(image_size=32, patch_size=16, vision_hidden=32, text_hidden=64, text_layers=2,
+                         text_intermediate=96)
+    tokenizer = build_tokenizer(FIXTURE_WORDS)
+    build_model(tokenizer, spec, seed=0).save_pretrained(folder)
+    build_processor(tokenizer, spec).save_pretrained(folder)
+    return folder
