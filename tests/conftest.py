@@ -33,8 +33,9 @@ def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from more_lightning.world.tiny_llava import TinyLlavaSpec, build_model, build_processor, build_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny_llava")
-    spec = TinyLlavaSpec(image_size=32, patch_size=16, vision_hidden=32, text_hidden=64, text_layers=2,
-                         text_intermediate=96)
+    spec = TinyLlavaSpec(
+        image_size=32, patch_size=16, vision_hidden=32, text_hidden=64, text_layers=2, text_intermediate=96
+    )
     tokenizer = build_tokenizer(FIXTURE_WORDS)
     build_model(tokenizer, spec, seed=0).save_pretrained(folder)
     build_processor(tokenizer, spec).save_pretrained(folder)

@@ -117,6 +117,17 @@ class MOREOptimizer(torch.optim.Optimizer):
         self.top_k = top_k
         self.stats_dtype = stats_dtype
         self._pending: dict[str, Tensor] = {}
+        for group in self.param_groups:
+            self._state(group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but P keeps ``stats_dtype`` (torch would cast it to B's dtype)."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            if "P" in saved:
+                param = params[index]
+                self.state[param]["P"] = saved["P"].to(device=param.device, dtype=self.stats_dtype).clone()
 
     # --- statistics ----------------------------------------------------------------------------
     def _state(self, group: dict) -> dict:
@@ -135,10 +146,10 @@ class MOREOptimizer(torch.optim.Optimizer):
         """Rank-one Sherman–Morrison update(s) of the group's P with keys (n, d_in)."""
         state = self._state(group)
         A = self.adapters[group["name"]].lora_A.detach()  # (r, d_in)
-        keys = keys.to(device=A.device, dtype=A.dtype)
+        keys = keys.to(device=A.device, dtype=self.stats_dtype)
         if self.pool:
             keys = keys.mean(dim=0, keepdim=True)  # (1, d_in)
-        Z = (keys @ A.T).to(self.stats_dtype)  # (n, r) projected keys
+        Z = keys @ A.to(self.stats_dtype).T  # (n, r) projected keys
         offset = 1.0 if self.prior == "paper" else group["lam"]
         P = state["P"]
         for z in Z:

@@ -29,13 +29,21 @@ from more_lightning.world.scenes import COLOURS, NUMBERS, POSITIONS, SHAPES, SIZ
 
 QTYPES: tuple[str, ...] = ("colour", "shape", "size", "count", "position")
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "colour": ("what colour is the {shape}?", "which colour does the {shape} have?", "what is the colour of the {shape}?"),
+    "colour": (
+        "what colour is the {shape}?",
+        "which colour does the {shape} have?",
+        "what is the colour of the {shape}?",
+    ),
     "shape": (
         "what shape is the {colour} object?",
         "which shape does the {colour} object have?",
         "what is the shape of the {colour} object?",
     ),
-    "size": ("what size is the {colour} {shape}?", "how big is the {colour} {shape}?", "is the {colour} {shape} small or large?"),
+    "size": (
+        "what size is the {colour} {shape}?",
+        "how big is the {colour} {shape}?",
+        "is the {colour} {shape} small or large?",
+    ),
     "count": ("how many objects are there?", "how many objects are in the image?", "what is the number of objects?"),
     "position": (
         "where is the {colour} {shape}?",

@@ -1,0 +1,350 @@
+"""Pretrain the embedded world's tiny LLaVA from scratch: ``python cli.py fit --config configs/tiny_llava_pretrain.yaml``.
+
+Two stages in one ``fit`` (ENVIRONMENT.md: end-to-end training from scratch learns shape and
+position slowly on CPU):
+
+1. ``vision_steps`` steps train only the CLIP tower, supervised: a linear head per attribute
+   reads every patch token (one patch = one grid cell) and classifies the cell's shape, colour
+   and size (or "empty").
+2. The rest trains everything on the language modelling loss of answers, over an infinite stream
+   of train-seed scenes and questions of every type, captions, MME-like yes/no questions and the
+   knowledge base (text only), each encoded exactly as :meth:`LlavaBackbone.encode` does, plus
+   ``</s>`` after the target so greedy decoding knows where an answer ends. The attribute loss
+   stays on with weight ``aux_weight`` so the tower keeps its features.
+
+At the end the model and processor are saved with ``save_pretrained`` to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
+
+from more_lightning.backbones.llava import LLAVA_TEMPLATE, LLAVA_TEXT_TEMPLATE
+from more_lightning.world.knowledge import Fact, build_knowledge, knowledge_words
+from more_lightning.world.questions import (
+    CAPTION_PROMPTS,
+    MME_CATEGORIES,
+    QTYPES,
+    caption,
+    make_vqa,
+    make_yes_no,
+    scene_vocabulary,
+)
+from more_lightning.world.scenes import COLOURS, SHAPES, SIZES, Scene, render, sample_scene
+from more_lightning.world.tiny_llava import TinyLlavaSpec, build_model, build_processor, build_tokenizer
+
+log = logging.getLogger(__name__)
+
+#: Task -> share of the language-modelling stream.
+DEFAULT_MIX: dict[str, float] = {"vqa": 0.45, "caption": 0.15, "yes_no": 0.15, "knowledge": 0.25}
+IGNORE = -100
+
+
+def world_tokenizer(facts: list[Fact]):
+    """The tiny LLaVA's tokenizer: every scene word and every knowledge-base word."""
+    return build_tokenizer(scene_vocabulary() | knowledge_words(facts))
+
+
+def pixel_values(image) -> Tensor:
+    """(3, H, W) float tensor: what the world's processor makes of a 48×48 RGB image.
+
+    Equal to ``processor(images=image)["pixel_values"][0]`` (no resize or crop at 48 px, mean =
+    std = 0.5); computed directly because the processor is ~1 ms per image. Tested for equality.
+    """
+    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy((array - 0.5) / 0.5).permute(2, 0, 1).contiguous()
+
+
+def cell_labels(scene: Scene) -> Tensor:
+    """(9, 3) long: per cell the shape, colour and size index, 0 = empty cell."""
+    labels = torch.zeros(9, 3, dtype=torch.long)
+    colours, sizes = list(COLOURS), list(SIZES)
+    for o in scene.objects:
+        labels[o.cell] = torch.tensor([SHAPES.index(o.shape) + 1, colours.index(o.colour) + 1, sizes.index(o.size) + 1])
+    return labels
+
+
+class Encoder:
+    """Encodes (prompt, target, image) like ``LlavaBackbone.encode``, caching prompt token ids."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        self._blank = render(Scene(()))
+        self._prompt_ids: dict[tuple[str, bool], list[int]] = {}
+
+    def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
+        key = (prompt, with_image)
+        if key not in self._prompt_ids:
+            if with_image:
+                enc = self.processor(text=LLAVA_TEMPLATE.format(prompt=prompt), images=self._blank)
+            else:
+                enc = self.tokenizer(LLAVA_TEXT_TEMPLATE.format(prompt=prompt))
+            self._prompt_ids[key] = list(enc["input_ids"][0] if with_image else enc["input_ids"])
+        return self._prompt_ids[key]
+
+    def target_ids(self, target: str) -> list[int]:
+        return self.tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+
+    def __call__(self, prompt: str, target: str, with_image: bool) -> tuple[list[int], list[int]]:
+        prompt_ids, target_ids = self.prompt_ids(prompt, with_image), self.target_ids(target)
+        return prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + target_ids
+
+
+def sample_example(rng: random.Random, facts: list[Fact], mix: dict[str, float]) -> tuple[str, str, str, Scene | None]:
+    """One (task, prompt, target, scene) from the training distribution; scene None = text only."""
+    task = rng.choices(list(mix), weights=list(mix.values()))[0]
+    if task == "knowledge":
+        fact = rng.choice(facts)
+        return task, fact.question(rng.randrange(3)), fact.answer, None
+    while True:
+        scene = sample_scene(rng)
+        if task == "caption":
+            return task, rng.choice(CAPTION_PROMPTS), caption(scene), scene
+        if task == "vqa":
+            item = make_vqa(scene, rng.choice(QTYPES), rng)
+            if item is not None:
+                return f"vqa_{item.qtype}", item.question, item.answer, scene
+        else:
+            pair = make_yes_no(scene, rng.choice(MME_CATEGORIES), rng)
+            if pair is not None:
+                question, answer = rng.choice(pair)
+                return task, question, answer.lower(), scene
+
+
+class WorldStream(IterableDataset):
+    """An endless stream of ready batches: vision-only for the first ``vision_steps``, then mixed."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        facts: list[Fact],
+        seed: int,
+        batch_size: int,
+        vision_batch_size: int,
+        vision_steps: int,
+        mix: dict[str, float],
+        jitter_prob: float,
+    ) -> None:
+        self.encoder, self.facts, self.seed = encoder, facts, seed
+        self.batch_size, self.vision_batch_size, self.vision_steps = batch_size, vision_batch_size, vision_steps
+        self.mix, self.jitter_prob = mix, jitter_prob
+        self.tasks = sorted({t for t in mix if t != "vqa"} | {f"vqa_{q}" for q in QTYPES})
+
+    def _image(self, scene: Scene, rng: random.Random) -> Tensor:
+        jitter = rng.random() < self.jitter_prob
+        return pixel_values(render(scene, jitter=jitter, seed=rng.randrange(2**31)))
+
+    def _vision_batch(self, rng: random.Random) -> dict[str, Tensor]:
+        scenes = [sample_scene(rng) for _ in range(self.vision_batch_size)]
+        return {
+            "vision_pixels": torch.stack([self._image(s, rng) for s in scenes]),  # (Bv, 3, H, W)
+            "cell_labels": torch.stack([cell_labels(s) for s in scenes]),  # (Bv, 9, 3)
+        }
+
+    def _lm_batch(self, rng: random.Random) -> dict[str, Tensor]:
+        rows, images, tasks = [], [], []
+        for _ in range(self.batch_size):
+            task, prompt, target, scene = sample_example(rng, self.facts, self.mix)
+            rows.append(self.encoder(prompt, target, scene is not None))
+            if scene is not None:
+                images.append(self._image(scene, rng))
+            tasks.append(self.tasks.index(task))
+        # LLaVA scatters image features into the <image> tokens in row order: ``images`` is in row order.
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.encoder.tokenizer.pad_token_id
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])  # (B, T)
+        labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows])  # (B, T)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])  # (B, T)
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "task": torch.tensor(tasks)}
+        batch["pixel_values"] = torch.stack(images) if images else torch.zeros(0, 3, 48, 48)  # (Bi, 3, H, W)
+        return batch
+
+    @override
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        rng = random.Random(f"pretrain-{self.seed}")
+        step = 0
+        while True:
+            batch = self._vision_batch(rng)
+            if step >= self.vision_steps:
+                batch.update(self._lm_batch(rng))
+            step += 1
+            yield batch
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """The embedded world's training stream (train-seed scenes + the knowledge base).
+
+    Args:
+        num_entities: knowledge-base size (entities × 3 relations facts).
+        knowledge_seed: seed of the knowledge base (must match the benchmark's).
+        seed: seed of the training stream (scenes and questions); the benchmark's train/eval
+            splits use their own seeds.
+        batch_size: language-modelling examples per step.
+        vision_batch_size: scenes per step for the attribute objective.
+        vision_steps: steps of stage 1 (vision tower only).
+        jitter_prob: share of images rendered jittered (as the image rephrases are).
+        mix: share of each task in the stream (vqa, caption, yes_no, knowledge).
+    """
+
+    def __init__(
+        self,
+        num_entities: int = 200,
+        knowledge_seed: int = 0,
+        seed: int = 0,
+        batch_size: int = 64,
+        vision_batch_size: int = 64,
+        vision_steps: int = 400,
+        jitter_prob: float = 0.5,
+        mix: dict[str, float] | None = None,
+        spec: TinyLlavaSpec | None = None,
+    ) -> None:
+        super().__init__()
+        self.facts = build_knowledge(num_entities, knowledge_seed)
+        self.tokenizer = world_tokenizer(self.facts)
+        self.spec = spec or TinyLlavaSpec()
+        self.processor = build_processor(self.tokenizer, self.spec)
+        encoder = Encoder(self.processor)
+        self.stream = WorldStream(
+            encoder, self.facts, seed, batch_size, vision_batch_size, vision_steps, mix or DEFAULT_MIX, jitter_prob
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.stream, batch_size=None, num_workers=0)
+
+
+class PretrainModule(L.LightningModule):
+    """Trains a fresh tiny LLaVA in two stages and saves it with ``save_pretrained``.
+
+    Args:
+        out_dir: where the model, tokenizer and processor are saved at the end of ``fit``.
+        lr: peak learning rate of stage 2 (warmup, then cosine to ``lr * min_lr_ratio``).
+        vision_lr: learning rate of the vision tower and attribute heads in stage 1.
+        warmup_steps: linear warmup of stage 2.
+        aux_weight: weight of the attribute loss during stage 2.
+        weight_decay: AdamW weight decay.
+        model_seed: initialisation seed.
+        num_threads: torch CPU threads.
+    """
+
+    def __init__(
+        self,
+        out_dir: str = "models/tiny_llava",
+        lr: float = 1e-3,
+        vision_lr: float = 2e-3,
+        warmup_steps: int = 200,
+        min_lr_ratio: float = 0.05,
+        aux_weight: float = 0.2,
+        weight_decay: float = 0.01,
+        model_seed: int = 0,
+        num_threads: int = 2,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.set_num_threads(num_threads)
+        self.model: nn.Module | None = None
+
+    @override
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        dm = self.trainer.datamodule
+        self.processor, self.stream = dm.processor, dm.stream
+        self.model = build_model(dm.tokenizer, dm.spec, seed=self.hparams.model_seed)
+        width = self.model.config.vision_config.hidden_size
+        self.heads = nn.ModuleList([nn.Linear(width, n + 1) for n in (len(SHAPES), len(COLOURS), len(SIZES))])
+
+    def _vision_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        tower = self.model.model.vision_tower
+        hidden = tower(pixel_values=batch["vision_pixels"]).last_hidden_state[:, 1:]  # (Bv, 9, Dv), CLS dropped
+        labels = batch["cell_labels"]  # (Bv, 9, 3)
+        losses, hits = [], []
+        for k, head in enumerate(self.heads):
+            logits = head(hidden)  # (Bv, 9, C_k)
+            losses.append(F.cross_entropy(logits.flatten(0, 1), labels[..., k].flatten()))
+            hits.append(logits.argmax(-1) == labels[..., k])
+        return torch.stack(losses).mean(), torch.stack(hits).all(0).float().mean()
+
+    def _lm_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if batch["pixel_values"].numel():
+            kwargs["pixel_values"] = batch["pixel_values"]
+        logits = self.model(**kwargs).logits[:, :-1]  # (B, T-1, V)
+        labels = batch["labels"][:, 1:]  # (B, T-1)
+        token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # (B, T-1)
+        supervised = labels != IGNORE
+        per_example = (token_loss * supervised).sum(1) / supervised.sum(1)  # (B,)
+        exact = ((logits.argmax(-1) == labels) | ~supervised).all(1)  # (B,)
+        return per_example.mean(), exact
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        vision_loss, cell_acc = self._vision_loss(batch)
+        self.log("train/cell_acc", cell_acc, prog_bar=True)
+        self.log("train/vision_loss", vision_loss)
+        if "input_ids" not in batch:
+            return vision_loss
+        lm_loss, exact = self._lm_loss(batch)
+        for i, task in enumerate(self.stream.tasks):
+            chosen = batch["task"] == i
+            if chosen.any():
+                self.log(f"train_acc/{task}", exact[chosen].float().mean(), batch_size=int(chosen.sum()))
+        self.log("train/lm_loss", lm_loss, prog_bar=True)
+        self.log("train/exact", exact.float().mean(), prog_bar=True)
+        return lm_loss + self.hparams.aux_weight * vision_loss
+
+    @override
+    def configure_optimizers(self):
+        vision = [*self.model.model.vision_tower.parameters(), *self.heads.parameters()]
+        vision_ids = {id(p) for p in vision}
+        rest = [p for p in self.parameters() if id(p) not in vision_ids]
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": vision, "lr": 1.0}, {"params": rest, "lr": 1.0}], weight_decay=hp.weight_decay
+        )
+        total = self.trainer.max_steps
+        stage1 = self.stream.vision_steps
+
+        def stage2(step: int) -> float:
+            s = step - stage1
+            if s < hp.warmup_steps:
+                return hp.lr * (s + 1) / hp.warmup_steps
+            progress = min(1.0, (s - hp.warmup_steps) / max(1, total - stage1 - hp.warmup_steps))
+            return hp.lr * (hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+        def vision_lr(step: int) -> float:
+            return hp.vision_lr * min(1.0, (step + 1) / 50) if step < stage1 else stage2(step)
+
+        def rest_lr(step: int) -> float:
+            return 0.0 if step < stage1 else stage2(step)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [vision_lr, rest_lr])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def on_train_end(self) -> None:
+        self.save(self.hparams.out_dir)
+
+    @rank_zero_only
+    def save(self, out_dir: str) -> None:
+        """``save_pretrained`` the model (safetensors), tokenizer and processor into ``out_dir``."""
+        path = Path(out_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.processor.save_pretrained(path)
+        log.info("saved the tiny LLaVA to %s", path)
