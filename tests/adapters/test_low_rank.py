@@ -59,5 +59,5 @@ def test_wrap_linear_replaces_by_path_and_caps_rank():
     wrapper = wrap_linear(model, "2", r=16, alpha=32)
     assert model[2] is wrapper and wrapper.r == 8 and wrapper.scaling == 2.0
     assert wrap_linear(model, "2", r=16, alpha=32) is wrapper  # idempotent
-    with pytest.raises(TypeError, match="only nn.Linear"):
+    with pytest.raises(TypeError, match=r"only nn\.Linear"):
         wrap_linear(model, "1", r=4, alpha=8)

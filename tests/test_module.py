@@ -1,0 +1,150 @@
+"""The OnlineEditModule on a tiny random LLaVA: one edit, key capture, and a stream through cli.py."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cli
+from more_lightning.backbones.base import shift_for_loss
+from more_lightning.backbones.llava import LlavaBackbone
+from more_lightning.data.datamodule import EditStreamDataModule
+from more_lightning.editors.finetune import FTL
+from more_lightning.editors.more import MORE, LoRAFT
+from more_lightning.keys import KeyCapture
+from more_lightning.module import OnlineEditModule
+
+from .conftest import MMEDIT
+
+
+def _stream(num_edits=3):
+    dm = EditStreamDataModule(
+        data_file=str(MMEDIT / "vqa_eval.json"),
+        image_root=str(MMEDIT / "coco"),
+        rephrase_root=str(MMEDIT / "rephrase"),
+        num_edits=num_edits,
+    )
+    dm.setup()
+    return dm
+
+
+def _target_logprob(module, inputs):
+    with torch.no_grad():
+        logits, labels = shift_for_loss(module.logits(inputs), inputs.labels)
+        logp = F.log_softmax(logits.float(), -1)
+        mask = labels != -100
+        return logp[mask].gather(-1, labels[mask].unsqueeze(-1)).sum().item()
+
+
+class _FakeOptimizer:
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+    def step(self):
+        self.optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "editor",
+    [
+        MORE(r=16, alpha=32, eta=1.0, lam=1.0, prior="public"),
+        MORE(r=16, alpha=32, eta=50.0, lam=1.0, prior="paper"),
+        LoRAFT(r=16, alpha=32, eta=1.0),
+        FTL(lr=1e-2, steps_per_edit=3),
+    ],
+    ids=["more-public", "more-paper", "lora-ft", "ft-l"],
+)
+def test_one_edit_raises_the_target_logprob(tiny_llava_dir, editor, monkeypatch):
+    module = OnlineEditModule(LlavaBackbone(path=str(tiny_llava_dir), num_text_layers=2), editor)
+    optimizer = module.configure_optimizers()
+    monkeypatch.setattr(module, "optimizers", lambda: _FakeOptimizer(optimizer))
+    monkeypatch.setattr(module, "manual_backward", lambda loss: loss.backward())
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    batch = _stream().stream[0]
+    inputs = module.encode(batch)
+    before = _target_logprob(module, inputs["edit"])
+    module.training_step(batch, 0)
+    after = _target_logprob(module, inputs["edit"])
+    assert after > before + 1e-3
+
+
+def test_keys_pool_image_positions_for_projector_and_text_positions_for_text(tiny_llava_dir):
+    backbone = LlavaBackbone(path=str(tiny_llava_dir), num_text_layers=1)
+    module = OnlineEditModule(backbone, MORE(r=8, alpha=16))
+    query = module.encode(_stream().stream[0])["edit"]
+    n_image = int(query.image_mask.sum())
+    assert n_image == (32 // 16) ** 2  # one image of 32 px, patch 16, CLS dropped
+    seen = {}
+    capture = KeyCapture(module.editor.key_modules(), pool=False)
+    with capture.record(query.positions("text")), torch.no_grad():
+        module.logits(query)
+    seen = {name: keys.shape[0] for name, keys in capture.keys().items()}
+    text_name = "model.language_model.layers.1.mlp.down_proj"
+    assert seen[text_name] == int(query.text_mask.sum()) == query.input_ids.shape[1] - n_image
+    assert seen["model.multi_modal_projector.linear_1"] == n_image
+    assert seen["model.multi_modal_projector.linear_2"] == n_image
+    # pooled: the text key is the mean of the text rows only
+    pooled = KeyCapture(module.editor.key_modules(), pool=True)
+    with pooled.record(query.positions("target")), torch.no_grad():
+        module.logits(query)
+    assert pooled.keys()[text_name].shape == (1, 96)
+
+
+def _tb_tags(run_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_three_edit_stream_through_cli_writes_scalars_and_metrics_json(tiny_llava_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"""
+model:
+  class_path: more_lightning.module.OnlineEditModule
+  init_args:
+    task: evqa
+    backbone:
+      class_path: more_lightning.backbones.llava.LlavaBackbone
+      init_args: {{path: {tiny_llava_dir}, num_text_layers: 2}}
+    editor:
+      class_path: more_lightning.editors.more.MORE
+      init_args: {{r: 16, alpha: 32, eta: 1.0, lam: 1.0, prior: public}}
+data:
+  class_path: more_lightning.data.datamodule.EditStreamDataModule
+  init_args:
+    data_file: {MMEDIT / "vqa_eval.json"}
+    image_root: {MMEDIT / "coco"}
+    rephrase_root: {MMEDIT / "rephrase"}
+    num_edits: 3
+trainer:
+  max_epochs: 1
+  accelerator: cpu
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: {tmp_path / "runs"}}}
+"""
+    )
+    cli.main(["fit", "--config", str(config), "--model.init_args.editor.init_args.lam", "2.0"])
+    run_dir = next((tmp_path / "runs").rglob("metrics.json")).parent
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["editor"] == "MORE" and metrics["task"] == "evqa" and metrics["num_edits"] == 3
+    keys = {"rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg"}
+    assert set(metrics["immediate"]) == keys and set(metrics["retention"]) == keys
+    assert set(metrics["locality_agreement"]) == {"t_loc", "m_loc"}
+    assert all(0 <= v <= 100 for phase in ("immediate", "retention") for v in metrics[phase].values())
+    assert metrics["seconds_per_edit"] > 0
+    tags = _tb_tags(run_dir)
+    for name in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg"):
+        assert f"immediate/{name}" in tags
+        assert f"final_retention/{name}" in tags
