@@ -32,6 +32,7 @@ from typing_extensions import override
 from more_lightning.backbones.base import Backbone, ModelInputs, shift_for_loss
 from more_lightning.data.records import EditTuple
 from more_lightning.editors.base import Editor
+from more_lightning.editors.state import load_edit_state, save_edit_state
 from more_lightning.keys import KeyCapture
 from more_lightning.metrics import (
     LocalityAgreement,
@@ -88,6 +89,9 @@ class OnlineEditModule(LightningModule):
         loc_weight: weight of the locality KL term in the composite loss.
         gen_weight: weight of the generality NLL terms.
         retention: re-evaluate every edit on the final model after the stream.
+        save_every: write the edit state (``edit_state.safetensors`` in the run folder) every this
+            many edits and at the end of the stream; 0 = only at the end. Writes are atomic.
+        load_edit_state: start from a saved edit state (editor weights and statistics).
     """
 
     def __init__(
@@ -98,6 +102,8 @@ class OnlineEditModule(LightningModule):
         loc_weight: float = 1.0,
         gen_weight: float = 1.0,
         retention: bool = True,
+        save_every: int = 0,
+        load_edit_state: str | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -107,6 +113,10 @@ class OnlineEditModule(LightningModule):
         self.loc_weight = loc_weight
         self.gen_weight = gen_weight
         self.retention = retention
+        if save_every < 0:
+            raise ValueError(f"model.save_every must be >= 0, got {save_every}")
+        self.save_every = save_every
+        self.load_edit_state = load_edit_state
         self.model, self.processor = backbone.load()
         self.edit_points = backbone.edit_points(self.model)
         self.image_token_id = backbone.image_token_id(self.processor, self.model)
@@ -136,7 +146,10 @@ class OnlineEditModule(LightningModule):
     # --- Lightning plumbing ----------------------------------------------------------------------
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.editor.configure_optimizer()
+        optimizer = self.editor.configure_optimizer()
+        if self.load_edit_state:
+            load_edit_state(self.model, optimizer, self.load_edit_state)
+        return optimizer
 
     @override
     def transfer_batch_to_device(self, batch: EditTuple, device: torch.device, dataloader_idx: int) -> EditTuple:
@@ -203,6 +216,8 @@ class OnlineEditModule(LightningModule):
         scores = self.evaluate(inputs, refs, self.immediate)
         self._references[batch.index] = {k: Reference(v.logp.cpu(), v.mask.cpu()) for k, v in refs.items()}
         step = batch.index + 1
+        if self.save_every and step % self.save_every == 0:
+            self.save_edit_state()
         self._log_scalars({f"immediate/{k}": v for k, v in scores.items()}, step)
         self._log_scalars(
             {"edit/loss": float(loss), "edit/seconds": edit_seconds, "edit/editor_seconds": editor_seconds}, step
@@ -249,6 +264,7 @@ class OnlineEditModule(LightningModule):
             for index, refs in sorted(self._references.items()):
                 inputs = self.encode(dataset[index])
                 self.evaluate(inputs, refs, self.retained)
+        self.save_edit_state()
         self.summary = self._summary()
         step = len(self._references)
         for phase in ("immediate", "retention"):
@@ -298,16 +314,26 @@ class OnlineEditModule(LightningModule):
                     f"{phase:10s}"
                     + "".join(f"{s[phase][k]:8.2f}" for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg"))
                 )
-        run_dir = Path(
-            self.logger.log_dir if self.logger is not None and self.logger.log_dir else self.trainer.default_root_dir
-        )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "metrics.json"
+        path = self.run_dir() / "metrics.json"
         _atomic_write_text(path, json.dumps(s, indent=2))
         rank_zero_info(
             f"{s['editor']} on {s['backbone']} ({s['task']}), {s['num_edits']} edits, "
             f"{s['seconds_per_edit']:.3f} s/edit\n" + "\n".join(lines) + f"\nmetrics written to {path}"
         )
+
+    def run_dir(self) -> Path:
+        logger_dir = self.logger.log_dir if self.logger is not None else None
+        run_dir = Path(logger_dir or self.trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+
+    def save_edit_state(self) -> Path | None:
+        """Atomically write the editor's weights and statistics to ``edit_state.safetensors``."""
+        if self.trainer is None or not self.trainer.is_global_zero:
+            return None
+        path = self.run_dir() / "edit_state.safetensors"
+        save_edit_state(self.model, self.optimizers().optimizer, path, {"num_edits": str(len(self._references))})
+        return path
 
     def _log_scalars(self, scalars: dict[str, float], step: int) -> None:
         for logger in self.loggers:

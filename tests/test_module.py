@@ -148,3 +148,26 @@ trainer:
     for name in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg"):
         assert f"immediate/{name}" in tags
         assert f"final_retention/{name}" in tags
+
+
+def test_edit_state_round_trips_through_safetensors(tiny_llava_dir, tmp_path):
+    from more_lightning.editors.state import load_edit_state, save_edit_state
+
+    def build():
+        module = OnlineEditModule(LlavaBackbone(path=str(tiny_llava_dir), num_text_layers=2), MORE(r=8, alpha=16))
+        return module, module.configure_optimizers()
+
+    m1, o1 = build()
+    with torch.no_grad():
+        for p in m1.model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    o1.observe({name: torch.randn(2, a.in_features) for name, a in o1.adapters.items()})
+    save_edit_state(m1.model, o1, tmp_path / "state.safetensors")
+    m2, o2 = build()
+    load_edit_state(m2.model, o2, tmp_path / "state.safetensors")
+    for (n, p1), p2 in zip(m1.model.named_parameters(), m2.model.parameters(), strict=True):
+        assert torch.equal(p1, p2), n
+    for g1, g2 in zip(o1.param_groups, o2.param_groups, strict=True):
+        assert torch.equal(o1.state[g1["params"][0]]["P"], o2.state[g2["params"][0]]["P"])
+    assert not list(tmp_path.glob("*.tmp"))

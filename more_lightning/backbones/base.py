@@ -52,7 +52,7 @@ class ModelInputs:
             if isinstance(value, Tensor):
                 cast = dtype if (dtype is not None and value.is_floating_point()) else None
                 moved[name] = value.to(device=device, dtype=cast)
-        return ModelInputs(**moved)
+        return type(self)(**moved)  # keep a backbone's subclass (e.g. BLIP-2's flat key rows)
 
     def model_kwargs(self) -> dict[str, Tensor]:
         kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}

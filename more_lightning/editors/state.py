@@ -1,0 +1,63 @@
+"""Saving and loading an editor's state (written weights + optimizer statistics) with safetensors.
+
+No pickle anywhere: tensors go to a ``.safetensors`` file, written to a temporary file in the same
+folder and moved into place with ``os.replace`` so a crash never leaves a half-written state.
+Keys: ``param/<parameter name>`` for every trainable model parameter (B, A when trained, FT-L's
+weight) and ``optim/<group index>/<param index>/<state key>`` for optimizer statistics (P, counters).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def edit_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    state = {f"param/{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, param in enumerate(group["params"]):
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor):
+                    state[f"optim/{gi}/{pi}/{key}"] = value.detach().cpu().contiguous()
+    return state
+
+
+def save_edit_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(edit_state_dict(model, optimizer), tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@torch.no_grad()
+def load_edit_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """Restore a state written by :func:`save_edit_state` into an identically configured editor."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"edit state {str(path)!r} not found (set `--model.init_args.load_edit_state`)")
+    saved = load_file(path)
+    params = dict(model.named_parameters())
+    for key, value in saved.items():
+        kind, _, rest = key.partition("/")
+        if kind == "param":
+            if rest not in params:
+                raise KeyError(
+                    f"{path.name}: parameter {rest!r} is not in this model; was the editor configured alike?"
+                )
+            params[rest].copy_(value)
+        elif kind == "optim":
+            gi, pi, name = rest.split("/", 2)
+            param = optimizer.param_groups[int(gi)]["params"][int(pi)]
+            optimizer.state[param][name] = value.to(param.device)
