@@ -125,9 +125,14 @@ class OnlineEditModule(LightningModule):
         self.immediate = self._score_metrics()
         self.retained = self._score_metrics()
         self._references: dict[int, dict[str, Reference]] = {}
-        self._edit_seconds: list[float] = []
-        self.last_timing: dict[str, float] = {}
+        #: per edit: wall seconds of the whole edit and of the editor's own statistics + write.
+        self.timings: list[dict[str, float]] = []
         self.summary: dict | None = None
+
+    @property
+    def last_timing(self) -> dict[str, float]:
+        """Timing of the most recent edit (empty before the first)."""
+        return self.timings[-1] if self.timings else {}
 
     @staticmethod
     def _score_metrics() -> torch.nn.ModuleDict:
@@ -211,8 +216,7 @@ class OnlineEditModule(LightningModule):
         editor_seconds += time.perf_counter() - tick
         optimizer.zero_grad()
         edit_seconds = time.perf_counter() - start
-        self._edit_seconds.append(edit_seconds)
-        self.last_timing = {"edit_seconds": edit_seconds, "editor_seconds": editor_seconds}
+        self.timings.append({"edit_seconds": edit_seconds, "editor_seconds": editor_seconds})
         scores = self.evaluate(inputs, refs, self.immediate)
         self._references[batch.index] = {k: Reference(v.logp.cpu(), v.mask.cpu()) for k, v in refs.items()}
         step = batch.index + 1
@@ -285,7 +289,7 @@ class OnlineEditModule(LightningModule):
         return {k: float(metrics[k].compute_exact_match()) for k in ("rel", "t_gen", "m_gen")}
 
     def _summary(self) -> dict:
-        seconds = self._edit_seconds
+        seconds = [t["edit_seconds"] for t in self.timings]
         return {
             "editor": type(self.editor).__name__,
             "backbone": f"{type(self.backbone).__name__}:{Path(self.backbone.path).name}",
