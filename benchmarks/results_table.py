@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cli  # noqa: E402  (after the sys.path insert)
+import cli
 
 KEYS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg")
 DEFAULT_CONFIGS = (
