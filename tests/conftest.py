@@ -22,6 +22,10 @@ FIXTURE_WORDS = (
 ).split()
 
 
+# Tiny models gain nothing from threads, and contend for the cores with other processes.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

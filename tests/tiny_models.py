@@ -22,8 +22,7 @@ from transformers import (
 )
 
 from more_lightning.world.tiny_llava import TinyLlavaSpec, build_model, build_processor, build_tokenizer
-
-from .conftest import FIXTURE_WORDS
+from tests.conftest import FIXTURE_WORDS
 
 #: Words of the BLIP-2 E-VQA template, so the tiny tokenizer knows them.
 TEMPLATE_WORDS = ("question", "short", "answer")
@@ -43,7 +42,9 @@ def save_tiny_llava(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def build_tiny_blip2(vocab_size: int, image_token_id: int, special_ids: dict[str, int]) -> Blip2ForConditionalGeneration:
+def build_tiny_blip2(
+    vocab_size: int, image_token_id: int, special_ids: dict[str, int]
+) -> Blip2ForConditionalGeneration:
     """A random BLIP-2 with an 8-layer OPT (width 32), a 1-layer Q-Former and 4 query tokens."""
     vision = Blip2VisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16

@@ -31,7 +31,6 @@ from more_lightning.data.records import Query
 log = logging.getLogger(__name__)
 
 OPT_FFN_OUT = "language_model.model.decoder.layers.{i}.fc2"
-OPT_FFN_IN = "language_model.model.decoder.layers.{i}.fc1"
 BLIP2_PROJECTOR = ["language_projection"]
 #: EasyEdit's VQADataset prompt (the target follows with a leading space, ``" " + alt``).
 BLIP2_VQA_TEMPLATE = "Question: {prompt} Short answer:"
@@ -64,8 +63,8 @@ class Blip2Backbone(Backbone):
 
     model_class = Blip2ForConditionalGeneration
     download_hint = (
-        "Download a BLIP-2 OPT checkpoint in transformers format (e.g. Salesforce/blip2-opt-2.7b, with "
-        "processor files) to a local folder."
+        "Download a BLIP-2 OPT checkpoint in transformers format with its processor files, e.g. "
+        "`huggingface-cli download Salesforce/blip2-opt-2.7b --local-dir data/blip2-opt-2.7b`."
     )
 
     def __init__(
@@ -111,6 +110,16 @@ class Blip2Backbone(Backbone):
             )
         return model, processor
 
+    def image_token_id(self, processor: object, model: nn.Module) -> int:
+        token_id = model.config.image_token_id
+        if token_id is None:
+            raise ValueError(
+                f"{self.path}/config.json has no image_token_index: this BLIP-2 snapshot predates transformers' "
+                "query-token placeholders. Download a current Salesforce/blip2-opt-2.7b (config.json with "
+                "image_token_index, processor_config.json with num_query_tokens)."
+            )
+        return int(token_id)
+
     def encode(self, processor: object, query: Query, image_token_id: int) -> FlatRowInputs:
         inputs = super().encode(processor, query, image_token_id)
         if query.image is not None:
@@ -118,9 +127,10 @@ class Blip2Backbone(Backbone):
             counts = inputs.image_mask.sum(dim=1)  # (B,)
             if (counts != expected).any():
                 raise ValueError(
-                    f"BLIP-2 input for prompt {query.prompt!r} has {counts.tolist()} image tokens (id {image_token_id}) "
-                    f"but the model needs exactly num_query_tokens={expected}: BLIP-2 silently accepts fewer. Check "
-                    "that the tokenizer maps '<image>' to config.image_token_id and that the template has no '<image>'."
+                    f"BLIP-2 input for prompt {query.prompt!r} has {counts.tolist()} image tokens (id "
+                    f"{image_token_id}) but the model needs exactly num_query_tokens={expected}: BLIP-2 silently "
+                    "accepts fewer. Check that the tokenizer maps '<image>' to config.image_token_id and that the "
+                    "backbone's `template` holds no '<image>' (the processor inserts the query tokens itself)."
                 )
         return FlatRowInputs(**{name: getattr(inputs, name) for name in inputs.__dataclass_fields__})
 

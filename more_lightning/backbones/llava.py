@@ -25,7 +25,9 @@ class LlavaBackbone(Backbone):
 
     model_class = LlavaForConditionalGeneration
     download_hint = (
-        "Download a LLaVA-1.5 checkpoint in transformers format (e.g. llava-hf/llava-1.5-7b-hf) to a local folder."
+        "Download a LLaVA-1.5 checkpoint in transformers format with its processor files, e.g. "
+        "`huggingface-cli download llava-hf/llava-1.5-7b-hf --local-dir data/llava-1.5-7b-hf` "
+        "(not the original liuhaotian/llava-v1.5-7b layout)."
     )
 
     def __init__(
