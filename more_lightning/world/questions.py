@@ -114,7 +114,7 @@ def counterfactual_scene(scene: Scene, rng: random.Random) -> Scene:
         changed = SceneObject(obj.shape, rng.choice([c for c in COLOURS if c != obj.colour]), obj.size, obj.cell)
     else:
         changed = SceneObject(rng.choice([s for s in SHAPES if s != obj.shape]), obj.colour, obj.size, obj.cell)
-    return Scene(scene.objects[:i] + (changed,) + scene.objects[i + 1 :])
+    return Scene((*scene.objects[:i], changed, *scene.objects[i + 1 :]))
 
 
 def make_yes_no(scene: Scene, category: str, rng: random.Random) -> tuple[tuple[str, str], tuple[str, str]] | None:

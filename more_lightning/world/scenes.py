@@ -3,7 +3,7 @@
 A 48×48 image is a 3×3 grid of 16-px cells, aligned with the tiny LLaVA's 16-px patches, so each
 image token sees exactly one cell. Every object sits in its own cell and has a shape, a colour and
 a size. :func:`render` draws a scene canonically (centred, nominal size, flat background) or
-jittered — the *image rephrase*: offset inside the cell, ±1 px of size, background and colour
+jittered — the *image rephrase*: offset inside the cell (≤ 1.5 px), ±1 px of size, background and colour
 noise — so the pixels differ but the content (what any question asks about) does not.
 
 Everything is a pure function of its ``seed``: same seed ⇒ same scene ⇒ same PNG bytes.
@@ -25,7 +25,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 40, 180),
     "orange": (245, 135, 20),
 }
-SIZES: dict[str, int] = {"small": 8, "large": 13}  # nominal object width in px
+SIZES: dict[str, int] = {"small": 10, "large": 14}  # nominal object width in px
 #: Cell names in raster order (cell index = 3 * row + column).
 POSITIONS: tuple[str, ...] = (
     "top left",
@@ -100,7 +100,7 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, rng: random.Random
     cx, cy = col * CELL + CELL / 2, row * CELL + CELL / 2
     if rng is not None:  # jitter: size ±1 px, offset within the cell, colour ±15 per channel
         w += rng.choice((-1, 0, 1))
-        slack = max(0.0, (CELL - 1 - w) / 2)
+        slack = min(1.5, max(0.0, (CELL - 1 - w) / 2))  # small shifts: the patch embedding is linear
         cx += rng.uniform(-slack, slack)
         cy += rng.uniform(-slack, slack)
         colour = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in colour)

@@ -1,0 +1,61 @@
+"""A small benchmark run: deterministic bytes, schema-valid records, MME layout."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from more_lightning.data.mme import read_mme
+from more_lightning.data.records import MMEDIT_KEYS
+from more_lightning.data.schema import read_mmedit, validate_record
+from more_lightning.world.benchmark import FILES, build_benchmark
+
+
+def _build(root: Path, **kwargs) -> dict[str, int]:
+    return build_benchmark(root, seed=0, num_train=12, num_eval=15, mme_images=4, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("embedded")
+    _build(root)
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(bench, tmp_path):
+    _build(tmp_path)
+    assert _snapshot(bench) == _snapshot(tmp_path)
+
+
+def test_every_record_passes_the_schema(bench):
+    for name in FILES.values():
+        raw = json.loads((bench / f"{name}.json").read_text())
+        assert len(raw) == (12 if "train" in name else 15)
+        for i, record in enumerate(raw):
+            validate_record(record, f"{name}.json record {i}")
+            assert tuple(record) == MMEDIT_KEYS
+            assert record["alt"] != record["pred"]
+            assert record["src"] != record["rephrase"]
+        records = read_mmedit(bench / f"{name}.json", bench / "images", bench / "images_rephrase")
+        assert all(r.image.is_file() and r.image_rephrase.is_file() and r.m_loc.is_file() for r in records)
+
+
+def test_without_a_model_pred_is_the_truth(bench):
+    records = json.loads((bench / "vqa_eval.json").read_text())
+    truth = json.loads((bench / "truth" / "vqa_eval.json").read_text())
+    assert [r["pred"] for r in records] == [t["answer"] for t in truth]
+    assert {t["qtype"] for t in truth} == {"colour", "shape", "size", "count", "position"}
+
+
+def test_mme_suite_has_one_yes_and_one_no_per_image(bench):
+    items = read_mme(bench / "mme")
+    assert {it.category for it in items} == {"existence", "count", "position", "color"}
+    by_image: dict[str, list[bool]] = {}
+    for it in items:
+        by_image.setdefault(it.image_id, []).append(it.answer)
+    assert len(by_image) == 16
+    assert all(sorted(answers) == [False, True] for answers in by_image.values())

@@ -1,0 +1,50 @@
+"""The committed tiny LLaVA loads offline like a real checkpoint and knows its world."""
+
+import random
+from pathlib import Path
+
+import pytest
+
+from more_lightning.backbones.llava import LlavaBackbone
+from more_lightning.world.benchmark import _draft
+from more_lightning.world.evaluate import greedy_answers
+from more_lightning.world.knowledge import build_knowledge
+from more_lightning.world.pretrain import Encoder
+from more_lightning.world.questions import caption
+from more_lightning.world.scenes import render, sample_scene
+
+MODEL = Path(__file__).parents[2] / "models" / "tiny_llava"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    if not (MODEL / "config.json").is_file():
+        pytest.fail(f"{MODEL} missing: run `python cli.py fit --config configs/tiny_llava_pretrain.yaml`")
+    model, processor = LlavaBackbone(path=str(MODEL)).load()
+    return model, Encoder(processor)
+
+
+def test_weights_are_small_safetensors():
+    weights = list(MODEL.glob("*.safetensors"))
+    assert weights and sum(p.stat().st_size for p in weights) <= 25 * 2**20
+    assert (MODEL / "tokenizer.json").is_file()
+
+
+def test_answers_fixed_eval_questions(loaded):
+    model, encoder = loaded
+    facts = build_knowledge()
+    drafts = [_draft("vqa", "eval", i, 0, facts) for i in range(10)]  # two of each question type
+    prompts = [(d.record["src"], render(d.scene)) for d in drafts]
+    answers = greedy_answers(model, encoder, prompts)
+    correct = sum(a == d.truth["answer"] for a, d in zip(answers, drafts, strict=True))
+    assert correct >= 9, list(zip(answers, [d.truth["answer"] for d in drafts], strict=True))
+
+
+def test_knows_the_knowledge_base_and_captions(loaded):
+    model, encoder = loaded
+    facts = build_knowledge()[:10]
+    answers = greedy_answers(model, encoder, [(f.question(1), None) for f in facts])
+    assert sum(a == f.answer for a, f in zip(answers, facts, strict=True)) >= 9
+    scene = sample_scene(random.Random("test-caption"))
+    [text] = greedy_answers(model, encoder, [("a photo of", render(scene, jitter=True, seed=3))], max_new_tokens=32)
+    assert text == caption(scene)
