@@ -117,8 +117,9 @@ class MOREOptimizer(torch.optim.Optimizer):
         self.top_k = top_k
         self.stats_dtype = stats_dtype
         self._pending: dict[str, Tensor] = {}
-        for group in self.param_groups:
-            self._state(group)
+        if precondition:  # P exists from the start, so state_dict() is complete before the first edit
+            for group in self.param_groups:
+                self._state(group)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but P keeps ``stats_dtype`` (torch would cast it to B's dtype)."""
@@ -200,12 +201,14 @@ class MOREOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self._selected():
             B = group["params"][0]
-            state = self._state(group)
             G = B.grad.to(self.stats_dtype)  # (d_out, r)
-            P = state["P"] if self.precondition else None
-            delta = closed_form_write(G, P, group["eta"]) if P is not None else -group["eta"] * G
+            if self.precondition:
+                state = self._state(group)
+                delta = closed_form_write(G, state["P"], group["eta"])
+                state["num_writes"] += 1
+            else:  # LoRA-FT: P = I, nothing to keep
+                delta = -group["eta"] * G
             B.add_(delta.to(B.dtype))
-            state["num_writes"] += 1
             if len(group["params"]) > 1:  # freeze_A=False ablation: A follows its plain gradient
                 A = group["params"][1]
                 if A.grad is not None:
