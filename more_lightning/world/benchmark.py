@@ -168,7 +168,7 @@ def write_mme(out: Path, images_per_category: int, seed: int) -> int:
 class ModelPredict:
     """``pred`` = the model's greedy answer to ``src`` on the canonical image."""
 
-    def __init__(self, model_dir: str, threads: int = 2) -> None:
+    def __init__(self, model_dir: str, threads: int = 1) -> None:
         import torch
 
         from more_lightning.backbones.llava import LlavaBackbone
@@ -194,7 +194,7 @@ def build_benchmark(
     mme_images: int = 100,
     num_entities: int = 200,
     knowledge_seed: int = 0,
-    threads: int = 2,
+    threads: int = 1,
 ) -> dict[str, int]:
     """Write every file of the benchmark under ``out`` (replacing what was there); returns sizes."""
     out = Path(out)
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-train", type=int, default=1000, help="records per task in the train split")
     parser.add_argument("--num-eval", type=int, default=1000, help="records per task in the eval split")
     parser.add_argument("--mme-images", type=int, default=100, help="images per MME category (2 questions each)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for --model")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for --model (1: see ENVIRONMENT)")
     parser.add_argument("--if-missing", action="store_true", help="do nothing when the four files and mme/ exist")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
