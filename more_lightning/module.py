@@ -224,7 +224,8 @@ class OnlineEditModule(LightningModule):
             self.save_edit_state()
         self._log_scalars({f"immediate/{k}": v for k, v in scores.items()}, step)
         self._log_scalars(
-            {"edit/loss": float(loss.detach()), "edit/seconds": edit_seconds, "edit/editor_seconds": editor_seconds}, step
+            {"edit/loss": float(loss.detach()), "edit/seconds": edit_seconds, "edit/editor_seconds": editor_seconds},
+            step,
         )
         self.log("rel", self.immediate["rel"].compute(), prog_bar=True, on_step=True, batch_size=1)
         self.log(
