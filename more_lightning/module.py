@@ -156,10 +156,6 @@ class OnlineEditModule(LightningModule):
             load_edit_state(self.model, optimizer, self.load_edit_state)
         return optimizer
 
-    @override
-    def transfer_batch_to_device(self, batch: EditTuple, device: torch.device, dataloader_idx: int) -> EditTuple:
-        return batch  # raw text and PIL images; encode() moves tensors
-
     def encode(self, batch: EditTuple) -> dict[str, ModelInputs]:
         dtype = self.model.dtype
         return {

@@ -111,6 +111,9 @@ class EditStreamDataModule(LightningDataModule):
         self.stream = EditStream([records[i] for i in order[:n]])
         log.info("edit stream: %d edits from %s (seed %d)", n, path, self.seed)
 
+    def transfer_batch_to_device(self, batch: EditTuple, device: torch.device, dataloader_idx: int) -> EditTuple:
+        return batch  # raw text and PIL images: the module encodes them and moves the tensors
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
         return DataLoader(self.stream, batch_size=None, shuffle=False, collate_fn=_single, num_workers=0)
