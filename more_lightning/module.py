@@ -121,7 +121,7 @@ class OnlineEditModule(LightningModule):
         self.edit_points = backbone.edit_points(self.model)
         self.image_token_id = backbone.image_token_id(self.processor, self.model)
         editor.attach(self.model, self.edit_points)
-        self.keys = KeyCapture(editor.key_modules(), pool=getattr(editor, "optim_kwargs", {}).get("pool", True))
+        self.keys = KeyCapture(editor.key_modules(), pool=editor.pool_keys)
         self.immediate = self._score_metrics()
         self.retained = self._score_metrics()
         self._references: dict[int, dict[str, Reference]] = {}

@@ -23,10 +23,12 @@ class Editor:
     Attributes:
         steps_per_edit: backward passes + ``optimizer.step()`` calls per edit request.
         key_positions: ``"text"`` or ``"target"``: where text modules' keys are pooled.
+        pool_keys: hand :meth:`observe` one mean key per module (``False``: every key row).
     """
 
     steps_per_edit: int = 1
     key_positions: str = "text"
+    pool_keys: bool = True
 
     def attach(self, model: nn.Module, edit_points: Sequence[EditPoint]) -> None:
         """Prepare ``model`` for editing (wrap modules, freeze the rest)."""

@@ -277,6 +277,7 @@ class MORE(Editor):
         }
         self.steps_per_edit = steps_per_edit
         self.key_positions = key_positions
+        self.pool_keys = pool
         self.adapters: list[tuple[str, LowRankLinear, str]] = []
 
     def attach(self, model: nn.Module, edit_points: Sequence[EditPoint]) -> None:
