@@ -112,6 +112,11 @@ class AnalysisCallback(Callback):
         self.name = name
         self.last_edit = 0
 
+    def mark(self, batch: Any, batch_idx: int) -> int:
+        """Record and return the 1-based index of the edit that just finished."""
+        self.last_edit = edit_index(batch, batch_idx)
+        return self.last_edit
+
     def due(self, trainer: Trainer, index: int) -> bool:
         """Whether edit ``index`` (1-based) is a measurement point: every k-th edit and the last one."""
         total = trainer.num_training_batches

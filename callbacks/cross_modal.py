@@ -32,7 +32,6 @@ from typing_extensions import override
 
 from callbacks.base import (
     AnalysisCallback,
-    edit_index,
     integer_ticks,
     layer_template,
     observing,
@@ -235,8 +234,7 @@ class CrossModalStatistics(AnalysisCallback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        index = edit_index(batch, batch_idx)
-        self.last_edit = index
+        index = self.mark(batch, batch_idx)
         if not self.due(trainer, index):
             return
         self.last = self.collect(pl_module)

@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from callbacks.base import AnalysisCallback, edit_index, integer_ticks, new_figure
+from callbacks.base import AnalysisCallback, integer_ticks, new_figure
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,7 @@ class EditCost(AnalysisCallback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         step_seconds = time.perf_counter() - self._start
-        index = edit_index(batch, batch_idx)
-        self.last_edit = index
+        index = self.mark(batch, batch_idx)
         timing = getattr(pl_module, "last_timing", {}) or {}
         edit_seconds = float(timing.get("edit_seconds", step_seconds))
         editor_seconds = float(timing.get("editor_seconds", 0.0))

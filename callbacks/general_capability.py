@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from callbacks.base import AnalysisCallback, edit_index, integer_ticks, new_figure, observing
+from callbacks.base import AnalysisCallback, integer_ticks, new_figure, observing
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,7 @@ class GeneralCapability(AnalysisCallback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        index = edit_index(batch, batch_idx)
-        self.last_edit = index
+        index = self.mark(batch, batch_idx)
         if not self.due(trainer, index):
             return
         scalars = self.evaluate(pl_module)

@@ -38,7 +38,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from callbacks.base import AnalysisCallback, edit_index, integer_ticks, new_figure, observing
+from callbacks.base import AnalysisCallback, integer_ticks, new_figure, observing
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +257,7 @@ class Interference(AnalysisCallback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        index = edit_index(batch, batch_idx)
-        self.last_edit = index
+        index = self.mark(batch, batch_idx)
         per_module = []
         for path, state in self.modules.items():
             current = pl_module.editor.delta_weight(path).detach().float()
