@@ -6,6 +6,11 @@ Each row runs ``python cli.py fit --config <config> --data.init_args.num_edits T
 split (``eval`` for reported figures, ``train`` for choosing hyperparameters) and prints
 immediate and retention Rel / T-Gen / M-Gen / T-Loc / M-Loc / Avg as a markdown table, with the
 exact command of every row.
+
+T = 1 is the single-editing protocol: ``--single-edits N`` edits (default 100), each applied to
+the unedited model (``--model.init_args.single_edits true``) and scored right after it; with one
+edit on the model, its retention is its immediate score, so both columns show the mean over the
+N edits. A single one-edit run would be one sample.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def main() -> None:
     parser.add_argument("--split", choices=("eval", "train"), default="eval")
     parser.add_argument("--horizons", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
+    parser.add_argument("--single-edits", type=int, default=100, help="edits averaged for the T = 1 rows")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run, e.g. --model...")
     parser.add_argument("--out", help="also write the rows as JSON lines here")
     args = parser.parse_args()
@@ -64,7 +70,12 @@ def main() -> None:
     rows = [header, "|" + "---|" * (3 + 2 * len(KEYS) + 2)]
     for config in args.configs:
         for horizon in args.horizons:
-            metrics, command = run(config, horizon, [*split_file(config, args.split), *args.set])
+            extra = [*split_file(config, args.split), *args.set]
+            if horizon == 1:
+                metrics, command = run(config, args.single_edits, [*extra, "--model.init_args.single_edits", "true"])
+                metrics["retention"] = metrics["immediate"]  # one edit on the model: retained = immediate
+            else:
+                metrics, command = run(config, horizon, extra)
             cells = [f"{metrics['immediate'][k]:.1f}" for k in KEYS] + [f"{metrics['retention'][k]:.1f}" for k in KEYS]
             rows.append(
                 f"| {metrics['editor']} | {metrics['task']} | {horizon} | "

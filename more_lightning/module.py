@@ -9,10 +9,16 @@ Per edit t the module
   4. evaluates the edit immediately and logs every score against the edit index.
 After the stream a retention pass re-evaluates every edit on the final model; a summary table is
 logged and ``metrics.json`` written into the logger's run folder.
+
+With ``single_edits`` the stream is the single-editing protocol (T = 1 in the paper's tables):
+after each edit is evaluated, the trainable parameters and the optimizer's state are restored to
+what they were before the first edit, so every edit is applied to the unedited model and the
+immediate scores average many independent single edits.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -92,6 +98,9 @@ class OnlineEditModule(LightningModule):
         save_every: write the edit state (``edit_state.safetensors`` in the run folder) every this
             many edits and at the end of the stream; 0 = only at the end. Writes are atomic.
         load_edit_state: start from a saved edit state (editor weights and statistics).
+        single_edits: restore the editor's parameters and statistics after every edit (the
+            single-editing protocol, T = 1); no retention pass, since the final model is the
+            unedited one.
     """
 
     def __init__(
@@ -104,6 +113,7 @@ class OnlineEditModule(LightningModule):
         retention: bool = True,
         save_every: int = 0,
         load_edit_state: str | None = None,
+        single_edits: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -112,7 +122,8 @@ class OnlineEditModule(LightningModule):
         self.task = task
         self.loc_weight = loc_weight
         self.gen_weight = gen_weight
-        self.retention = retention
+        self.single_edits = single_edits
+        self.retention = retention and not single_edits
         if save_every < 0:
             raise ValueError(f"model.save_every must be >= 0, got {save_every}")
         self.save_every = save_every
@@ -128,6 +139,7 @@ class OnlineEditModule(LightningModule):
         #: per edit: wall seconds of the whole edit and of the editor's own statistics + write.
         self.timings: list[dict[str, float]] = []
         self.summary: dict | None = None
+        self._initial_state: tuple[dict[str, Tensor], dict] | None = None
 
     @property
     def last_timing(self) -> dict[str, float]:
@@ -190,9 +202,24 @@ class OnlineEditModule(LightningModule):
                 loss = loss + self.loc_weight * _kl(logits, refs[name])
         return loss
 
+    def _snapshot(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+        params = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return params, copy.deepcopy(optimizer.state_dict())
+
+    @torch.no_grad()
+    def _restore(self, optimizer: torch.optim.Optimizer, snapshot: tuple[dict[str, Tensor], dict]) -> None:
+        params, optim_state = snapshot
+        named = dict(self.model.named_parameters())
+        for name, value in params.items():
+            named[name].copy_(value)
+        optimizer.state.clear()
+        optimizer.load_state_dict(copy.deepcopy(optim_state))
+
     @override
     def training_step(self, batch: EditTuple, batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
+        if self.single_edits and self._initial_state is None:
+            self._initial_state = self._snapshot(optimizer.optimizer)
         start = time.perf_counter()
         inputs = self.encode(batch)
         refs = self.references(inputs)
@@ -215,6 +242,8 @@ class OnlineEditModule(LightningModule):
         self.timings.append({"edit_seconds": edit_seconds, "editor_seconds": editor_seconds})
         scores = self.evaluate(inputs, refs, self.immediate)
         self._references[batch.index] = {k: Reference(v.logp.cpu(), v.mask.cpu()) for k, v in refs.items()}
+        if self.single_edits:
+            self._restore(optimizer.optimizer, self._initial_state)
         step = batch.index + 1
         if self.save_every and step % self.save_every == 0:
             self.save_edit_state()
@@ -292,6 +321,7 @@ class OnlineEditModule(LightningModule):
             "backbone": f"{type(self.backbone).__name__}:{Path(self.backbone.path).name}",
             "task": self.task,
             "num_edits": len(self._references),
+            "protocol": "single" if self.single_edits else "sequential",
             "immediate": self._totals(self.immediate),
             "retention": self._totals(self.retained),
             "locality_agreement": {

@@ -13,6 +13,7 @@ from more_lightning.backbones.llava import LlavaBackbone
 from more_lightning.data.datamodule import EditStreamDataModule
 from more_lightning.editors.finetune import FTL
 from more_lightning.editors.more import MORE, LoRAFT
+from more_lightning.editors.state import edit_state_dict
 from more_lightning.keys import KeyCapture
 from more_lightning.module import OnlineEditModule
 
@@ -171,3 +172,41 @@ def test_edit_state_round_trips_through_safetensors(tiny_llava_dir, tmp_path):
     for g1, g2 in zip(o1.param_groups, o2.param_groups, strict=True):
         assert torch.equal(o1.state[g1["params"][0]]["P"], o2.state[g2["params"][0]]["P"])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def _manual_module(tiny_llava_dir, editor, monkeypatch, **kwargs):
+    module = OnlineEditModule(LlavaBackbone(path=str(tiny_llava_dir), num_text_layers=2), editor, **kwargs)
+    optimizer = module.configure_optimizers()
+    monkeypatch.setattr(module, "optimizers", lambda: _FakeOptimizer(optimizer))
+    monkeypatch.setattr(module, "manual_backward", lambda loss: loss.backward())
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    monkeypatch.setattr(module, "_log_scalars", lambda *a, **k: None)
+    return module, optimizer
+
+
+@pytest.mark.parametrize(
+    "make_editor",
+    [lambda: MORE(r=16, alpha=32, eta=1.0, lam=1.0, prior="public"), lambda: FTL(lr=1e-2, steps_per_edit=2)],
+    ids=["more", "ft-l"],
+)
+def test_single_edits_apply_every_edit_to_the_unedited_model(tiny_llava_dir, make_editor, monkeypatch):
+    stream = _stream().stream
+    single, single_opt = _manual_module(tiny_llava_dir, make_editor(), monkeypatch, single_edits=True)
+    before = {n: p.detach().clone() for n, p in single.model.named_parameters() if p.requires_grad}
+    stats_before = {k: v.clone() for k, v in edit_state_dict(single.model, single_opt).items() if k.startswith("optim")}
+    for i in range(2):
+        single.training_step(stream[i], i)
+    after = {n: p.detach().clone() for n, p in single.model.named_parameters() if p.requires_grad}
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    stats_after = {k: v for k, v in edit_state_dict(single.model, single_opt).items() if k.startswith("optim")}
+    assert stats_before.keys() == stats_after.keys()  # the statistics of both edits are gone
+    assert all(torch.equal(stats_before[k], stats_after[k]) for k in stats_before)
+    assert single.immediate["rel"].update_count == 2 and not single.retention
+
+    # a third edit, kept this time, leaves the model a fresh module makes of that edit alone
+    single.single_edits = False
+    single.training_step(stream[2], 2)
+    fresh, _ = _manual_module(tiny_llava_dir, make_editor(), monkeypatch)
+    fresh.training_step(stream[2], 0)
+    inputs = fresh.encode(stream[2])
+    assert _target_logprob(single, inputs["edit"]) == pytest.approx(_target_logprob(fresh, inputs["edit"]), abs=1e-4)
