@@ -12,9 +12,11 @@ from more_lightning.world.pretrain import (
     IGNORE,
     Encoder,
     PretrainDataModule,
+    close_distractor_scene,
     pixel_values,
     sample_examples,
 )
+from more_lightning.world.questions import make_vqa
 from more_lightning.world.scenes import render, sample_scene
 from more_lightning.world.tiny_llava import TinyLlavaSpec, build_processor
 
@@ -61,3 +63,16 @@ def test_processor_spec_matches_pixels():
     spec = TinyLlavaSpec()
     processor = build_processor(_datamodule().tokenizer, spec)
     assert processor.image_processor.crop_size["height"] == spec.image_size
+
+
+def test_close_distractor_scenes_share_an_attribute_and_have_a_referent():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = close_distractor_scene(rng)
+        pairs = [(o.colour, o.shape) for o in scene.objects]
+        assert 2 <= scene.count() <= 3
+        assert len({c for c, _ in pairs}) < len(pairs) or len({s for _, s in pairs}) < len(pairs)
+        item = make_vqa(scene, "position", rng)  # a referent named by colour + shape exists ...
+        assert item is not None
+        referent = next(o for o in scene.objects if o.position == item.answer)
+        assert pairs.count((referent.colour, referent.shape)) == 1  # ... and is unique
