@@ -18,7 +18,6 @@ immediate scores average many independent single edits.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from typing_extensions import override
 from more_lightning.backbones.base import Backbone, ModelInputs, shift_for_loss
 from more_lightning.data.records import EditTuple
 from more_lightning.editors.base import Editor
-from more_lightning.editors.state import load_edit_state, save_edit_state
+from more_lightning.editors.state import apply_edit_state, edit_state_dict, load_edit_state, save_edit_state
 from more_lightning.keys import KeyCapture
 from more_lightning.metrics import (
     LocalityAgreement,
@@ -139,7 +138,8 @@ class OnlineEditModule(LightningModule):
         #: per edit: wall seconds of the whole edit and of the editor's own statistics + write.
         self.timings: list[dict[str, float]] = []
         self.summary: dict | None = None
-        self._initial_state: tuple[dict[str, Tensor], dict] | None = None
+        #: the editor's state before the first edit (``single_edits`` only), in edit_state_dict's layout.
+        self._initial_state: dict[str, Tensor] = {}
 
     @property
     def last_timing(self) -> dict[str, float]:
@@ -166,6 +166,8 @@ class OnlineEditModule(LightningModule):
         optimizer = self.editor.configure_optimizer()
         if self.load_edit_state:
             load_edit_state(self.model, optimizer, self.load_edit_state)
+        if self.single_edits:
+            self._initial_state = {k: v.clone() for k, v in edit_state_dict(self.model, optimizer).items()}
         return optimizer
 
     def encode(self, batch: EditTuple) -> dict[str, ModelInputs]:
@@ -202,24 +204,9 @@ class OnlineEditModule(LightningModule):
                 loss = loss + self.loc_weight * _kl(logits, refs[name])
         return loss
 
-    def _snapshot(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
-        params = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        return params, copy.deepcopy(optimizer.state_dict())
-
-    @torch.no_grad()
-    def _restore(self, optimizer: torch.optim.Optimizer, snapshot: tuple[dict[str, Tensor], dict]) -> None:
-        params, optim_state = snapshot
-        named = dict(self.model.named_parameters())
-        for name, value in params.items():
-            named[name].copy_(value)
-        optimizer.state.clear()
-        optimizer.load_state_dict(copy.deepcopy(optim_state))
-
     @override
     def training_step(self, batch: EditTuple, batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
-        if self.single_edits and self._initial_state is None:
-            self._initial_state = self._snapshot(optimizer.optimizer)
         start = time.perf_counter()
         inputs = self.encode(batch)
         refs = self.references(inputs)
@@ -242,8 +229,9 @@ class OnlineEditModule(LightningModule):
         self.timings.append({"edit_seconds": edit_seconds, "editor_seconds": editor_seconds})
         scores = self.evaluate(inputs, refs, self.immediate)
         self._references[batch.index] = {k: Reference(v.logp.cpu(), v.mask.cpu()) for k, v in refs.items()}
-        if self.single_edits:
-            self._restore(optimizer.optimizer, self._initial_state)
+        if self.single_edits:  # back to the state before the first edit
+            optimizer.optimizer.state.clear()
+            apply_edit_state(self.model, optimizer.optimizer, self._initial_state)
         step = batch.index + 1
         if self.save_every and step % self.save_every == 0:
             self.save_edit_state()

@@ -42,22 +42,29 @@ def save_edit_state(
 
 
 @torch.no_grad()
+def apply_edit_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor], source: str = "edit state"
+) -> None:
+    """Write a state in :func:`edit_state_dict`'s layout into ``model`` and ``optimizer`` (as copies).
+
+    ``source`` names where the state came from in errors.
+    """
+    params = dict(model.named_parameters())
+    for key, value in state.items():
+        kind, _, rest = key.partition("/")
+        if kind == "param":
+            if rest not in params:
+                raise KeyError(f"{source}: parameter {rest!r} is not in this model; was the editor configured alike?")
+            params[rest].copy_(value)
+        elif kind == "optim":
+            gi, pi, name = rest.split("/", 2)
+            param = optimizer.param_groups[int(gi)]["params"][int(pi)]
+            optimizer.state[param][name] = value.to(param.device, copy=True)
+
+
 def load_edit_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
     """Restore a state written by :func:`save_edit_state` into an identically configured editor."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"edit state {str(path)!r} not found (set `--model.init_args.load_edit_state`)")
-    saved = load_file(path)
-    params = dict(model.named_parameters())
-    for key, value in saved.items():
-        kind, _, rest = key.partition("/")
-        if kind == "param":
-            if rest not in params:
-                raise KeyError(
-                    f"{path.name}: parameter {rest!r} is not in this model; was the editor configured alike?"
-                )
-            params[rest].copy_(value)
-        elif kind == "optim":
-            gi, pi, name = rest.split("/", 2)
-            param = optimizer.param_groups[int(gi)]["params"][int(pi)]
-            optimizer.state[param][name] = value.to(param.device)
+    apply_edit_state(model, optimizer, load_file(path), path.name)
