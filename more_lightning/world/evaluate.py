@@ -1,12 +1,14 @@
-"""Competence report of a model on the embedded benchmark's eval split.
+"""Competence report of a model on the embedded benchmark's eval split (or its train split).
 
-``python -m more_lightning.world.evaluate --model models/tiny_llava --data data/embedded``
+``python -m more_lightning.world.evaluate --model models/tiny_llava --data data/embedded [--split train]``
 
 Prints VQA accuracy per question type (exact match of the greedy answer), on the text and image
 rephrases, caption token accuracy (teacher forced) and exact match, knowledge-base accuracy
 (``loc``), multimodal-locality accuracy (``m_loc``), MME-like acc / acc+ per category, and how many
 records have ``alt == pred`` (must be 0). Ground truth comes from the ``truth/`` files the
-benchmark writes beside the MMEdit files.
+benchmark writes beside the MMEdit files. ``--split train`` reports the same figures on the train
+split's records (the MME-like suite has one split and is always included): that is the split to
+compare pretraining recipes on.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from more_lightning.world.pretrain import IGNORE, Encoder, pixel_values
 
 log = logging.getLogger(__name__)
 
+SPLITS: tuple[str, ...] = ("eval", "train")
 #: A query for batched decoding: (prompt, image or None).
 Prompt = tuple[str, Image.Image | None]
 
@@ -128,15 +131,17 @@ def _pct(hits: list[bool]) -> float:
     return 100.0 * sum(hits) / max(1, len(hits))
 
 
-def evaluate(model_dir: str, data_dir: str, threads: int = 1) -> dict[str, float]:
+def evaluate(model_dir: str, data_dir: str, threads: int = 1, split: str = "eval") -> dict[str, float]:
     """All competence figures of the report, as ``{name: percent}`` (plus ``alt_eq_pred`` counts)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     torch.set_num_threads(threads)
     model, processor = LlavaBackbone(path=model_dir).load()
     encoder = Encoder(processor)
     data = Path(data_dir)
     report: dict[str, float] = {}
 
-    records, truth = _load_split(data, "vqa_eval")
+    records, truth = _load_split(data, f"vqa_{split}")
     images = [_image(data, "images", r["image"]) for r in records]
     rephrased = [_image(data, "images_rephrase", r["image_rephrase"]) for r in records]
     for name, prompts in {
@@ -153,7 +158,7 @@ def evaluate(model_dir: str, data_dir: str, threads: int = 1) -> dict[str, float
         report[f"{name}/all"] = _pct([h for hits in by_type.values() for h in hits])
     report["vqa/alt_eq_pred"] = sum(r["alt"] == r["pred"] for r in records)
 
-    caps, cap_truth = _load_split(data, "caption_eval_edit")
+    caps, cap_truth = _load_split(data, f"caption_{split}_edit")
     cap_images = [_image(data, "images", r["image"]) for r in caps]
     for name, prompts in {
         "caption": [(r["src"], im) for r, im in zip(caps, cap_images, strict=True)],
@@ -190,10 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="models/tiny_llava", help="folder of the pretrained tiny LLaVA")
     parser.add_argument("--data", default="data/embedded", help="folder the benchmark command wrote")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--split", choices=SPLITS, default="eval", help="which split's records to report on")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    report = evaluate(args.model, args.data, args.threads)
+    report = evaluate(args.model, args.data, args.threads, args.split)
     for name, value in report.items():
         log.info("%-40s %7.2f", name, value)
     log.info("evaluated in %.1f s", time.perf_counter() - start)

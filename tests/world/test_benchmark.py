@@ -59,3 +59,22 @@ def test_mme_suite_has_one_yes_and_one_no_per_image(bench):
         by_image.setdefault(it.image_id, []).append(it.answer)
     assert len(by_image) == 16
     assert all(sorted(answers) == [False, True] for answers in by_image.values())
+
+
+def test_evaluate_reports_on_the_chosen_split(bench, tmp_path):
+    import shutil
+
+    from more_lightning.world.evaluate import evaluate
+
+    model = Path(__file__).parents[2] / "models" / "tiny_llava"
+    copy = tmp_path / "bench"
+    shutil.copytree(bench, copy)
+    for name in ("vqa_eval", "caption_eval_edit"):  # only the train split's records are left
+        (copy / f"{name}.json").unlink()
+    report = evaluate(str(model), str(copy), split="train")
+    assert report["vqa/alt_eq_pred"] == 0
+    assert 0 <= report["vqa/all"] <= 100 and 0 <= report["caption/token_acc"] <= 100
+    with pytest.raises(FileNotFoundError, match="vqa_eval"):
+        evaluate(str(model), str(copy), split="eval")
+    with pytest.raises(ValueError, match="split"):
+        evaluate(str(model), str(copy), split="test")
