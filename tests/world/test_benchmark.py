@@ -78,3 +78,36 @@ def test_evaluate_reports_on_the_chosen_split(bench, tmp_path):
         evaluate(str(model), str(copy), split="eval")
     with pytest.raises(ValueError, match="split"):
         evaluate(str(model), str(copy), split="test")
+
+
+def _world_attention():
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "benchmarks" / "world_attention.py"
+    spec = importlib.util.spec_from_file_location("world_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_split_adds_up_to_the_image_mass(bench):
+    module = _world_attention()
+    model = Path(__file__).parents[2] / "models" / "tiny_llava"
+    result = module.attention_split(str(model), str(bench), "train", ["colour", "size", "position"], limit=3)
+    assert result, "no multi-object question in the small benchmark"
+    for heads in result.values():
+        assert len(heads) == 16  # 4 layers x 4 heads
+        for total, ref, others, empty in heads.values():
+            assert 0 <= total <= 1 + 1e-5
+            assert abs(ref + others + empty - total) < 1e-5
+
+
+def test_referent_is_the_named_object():
+    from more_lightning.world.scenes import Scene, SceneObject
+
+    module = _world_attention()
+    scene = Scene((SceneObject("circle", "red", "small", 0), SceneObject("square", "red", "large", 4)))
+    assert module.referent(scene, "colour", "what colour is the square?").cell == 4
+    assert module.referent(scene, "size", "how big is the red circle?").cell == 0
+    with pytest.raises(ValueError, match="exactly one"):
+        module.referent(scene, "shape", "what shape is the red object?")
