@@ -25,17 +25,13 @@ from more_lightning.world.benchmark import _draft
 from more_lightning.world.evaluate import SPLITS, _image
 from more_lightning.world.knowledge import build_knowledge
 from more_lightning.world.pretrain import Encoder, pixel_values
-from more_lightning.world.questions import words
+from more_lightning.world.questions import NAMED_BY, words
 
 
 def referent(scene, qtype: str, question: str):
-    """The object a question names: by shape (colour questions), colour (shape), or both."""
+    """The object a question names, by the attributes its type names it by (``NAMED_BY``)."""
     said = set(words(question))
-    match = {
-        "colour": lambda o: o.shape in said,
-        "shape": lambda o: o.colour in said,
-    }.get(qtype, lambda o: o.colour in said and o.shape in said)
-    found = [o for o in scene.objects if match(o)]
+    found = [o for o in scene.objects if all(getattr(o, a) in said for a in NAMED_BY[qtype])]
     if len(found) != 1:
         raise ValueError(f"question {question!r} does not name exactly one object of its scene")
     return found[0]

@@ -39,6 +39,7 @@ from more_lightning.world.knowledge import Fact, build_knowledge, knowledge_word
 from more_lightning.world.questions import (
     CAPTION_PROMPTS,
     MME_CATEGORIES,
+    NAMED_BY,
     QTYPES,
     caption,
     make_vqa,
@@ -57,7 +58,7 @@ DEFAULT_MIX: dict[str, float] = {"vqa": 0.5, "caption": 0.15, "yes_no": 0.2, "kn
 #: VQA question type -> relative frequency within the VQA share.
 DEFAULT_QTYPE_WEIGHTS: dict[str, float] = {"colour": 1.2, "shape": 1.2, "size": 0.6, "count": 0.4, "position": 1.6}
 #: VQA types whose referent is named by colour *and* shape: trained on close-distractor scenes too.
-CONJUNCTION_QTYPES: tuple[str, ...] = ("size", "position")
+CONJUNCTION_QTYPES: tuple[str, ...] = tuple(q for q, named in NAMED_BY.items() if len(named) > 1)
 IGNORE = -100
 
 

@@ -51,6 +51,13 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "what is the position of the {colour} {shape}?",
     ),
 }
+#: VQA type -> the attributes its question names the referent by (the referent is unique by them).
+NAMED_BY: dict[str, tuple[str, ...]] = {
+    "colour": ("shape",),
+    "shape": ("colour",),
+    "size": ("colour", "shape"),
+    "position": ("colour", "shape"),
+}
 ANSWERS: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS),
     "shape": SHAPES,
@@ -89,8 +96,7 @@ def make_vqa(scene: Scene, qtype: str, rng: random.Random) -> VqaItem | None:
     if qtype == "count":
         fields, answer = {}, NUMBERS[scene.count() - 1]
     else:
-        key = {"colour": lambda o: o.shape, "shape": lambda o: o.colour}.get(qtype, lambda o: (o.colour, o.shape))
-        candidates = _unique(scene, key)
+        candidates = _unique(scene, lambda o: tuple(getattr(o, a) for a in NAMED_BY[qtype]))
         if not candidates:
             return None
         obj = rng.choice(candidates)
