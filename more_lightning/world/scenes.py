@@ -68,9 +68,9 @@ class Scene:
         return len(self.objects)
 
 
-def sample_scene(rng: random.Random, max_objects: int = 3) -> Scene:
-    """A random scene: 1..max_objects objects in distinct cells with random attributes."""
-    n = rng.randint(1, max_objects)
+def sample_scene(rng: random.Random, max_objects: int = 3, min_objects: int = 1) -> Scene:
+    """A random scene: min_objects..max_objects objects in distinct cells with random attributes."""
+    n = rng.randint(min_objects, max_objects)
     cells = sorted(rng.sample(range(9), n))
     objects = tuple(
         SceneObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), c) for c in cells

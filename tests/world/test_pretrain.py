@@ -2,6 +2,7 @@
 
 import random
 
+import lightning as L
 import torch
 
 from more_lightning.backbones.llava import LlavaBackbone
@@ -12,6 +13,7 @@ from more_lightning.world.pretrain import (
     IGNORE,
     Encoder,
     PretrainDataModule,
+    PretrainModule,
     close_distractor_scene,
     pixel_values,
     sample_examples,
@@ -76,3 +78,73 @@ def test_close_distractor_scenes_share_an_attribute_and_have_a_referent():
         assert item is not None
         referent = next(o for o in scene.objects if o.position == item.answer)
         assert pairs.count((referent.colour, referent.shape)) == 1  # ... and is unique
+
+
+class _Trace(L.Callback):
+    """Records the learning rate and AdamW's step count of one text parameter at every step."""
+
+    def __init__(self) -> None:
+        self.lrs, self.adam_steps, self.vision, self.images = [], [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append([group["lr"] for group in trainer.optimizers[0].param_groups])  # what this step uses
+        self.vision.append("vision_pixels" in batch)
+        self.images.append(int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        optimizer = trainer.optimizers[0]
+        param = pl_module.model.lm_head.weight
+        self.adam_steps.append(int(optimizer.state[param]["step"]) if param in optimizer.state else 0)
+
+
+def test_fit_runs_three_stages_and_saves(tmp_path):
+    dm = PretrainDataModule(
+        num_entities=20, batch_size=4, vision_batch_size=2, vision_steps=2, restart_mix={"knowledge": 1.0}
+    )
+    module = PretrainModule(
+        str(tmp_path / "model"), lr=1e-3, warmup_steps=2, restart_steps=3, restart_lr=5e-4, restart_warmup_steps=2
+    )
+    trace = _Trace()
+    trainer = L.Trainer(
+        max_steps=9, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[trace],
+    )  # fmt: skip
+    trainer.fit(module, dm)
+    # stage 1 (steps 0-1): the tower alone; stage 2 (2-5): warmup 2 then cosine; stage 3 (6-8): restart
+    half_cosine = 0.05 + 0.95 * 0.5  # the cosine half-way between the peak and min_lr_ratio
+    expected = [0.0, 0.0, 5e-4, 1e-3, 1e-3, 1e-3 * half_cosine, 2.5e-4, 5e-4, 5e-4]
+    torch.testing.assert_close([lrs[1] for lrs in trace.lrs], expected)
+    assert [lrs[0] for lrs in trace.lrs][2:] == [lrs[1] for lrs in trace.lrs][2:]  # the tower follows from stage 2
+    # AdamW's moments restart with stage 3: its step count starts again from one
+    assert trace.adam_steps == [0, 0, 1, 2, 3, 4, 1, 2, 3]
+    # stage 3 streams its own mix (here text only) and no vision batch
+    assert trace.vision == [True] * 6 + [False] * 3
+    assert trace.images[:2] == [None, None] and min(trace.images[2:6]) > 0 and trace.images[6:] == [0, 0, 0]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_a_restart_leaves_the_stream_before_it_unchanged():
+    plain, restarted = _datamodule().stream, _datamodule().stream
+    restarted.restart_step = 3
+    for step, (a, b) in enumerate(zip(iter(plain), iter(restarted), strict=False)):
+        if step == 3:
+            assert "vision_pixels" in a and "vision_pixels" not in b
+            break
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key])
+
+
+def test_crowded_stage_three_scenes_have_four_to_six_objects_and_a_referent():
+    rng, facts = random.Random(0), build_knowledge(20)
+    only_position = {"colour": 0.0, "shape": 0.0, "size": 0.0, "count": 0.0, "position": 1.0}
+    counts = set()
+    for _ in range(100):
+        scene, [(task, prompt, answer)] = sample_examples(
+            rng, facts, {"vqa": 1.0}, only_position, distractor_prob=1.0, crowded_prob=1.0
+        )
+        counts.add(scene.count())
+        assert task == "vqa_position"
+        named = [o for o in scene.objects if o.colour in prompt.split() and o.shape in prompt.rstrip("?").split()]
+        assert [o.position for o in named] == [answer]
+    assert counts == {4, 5, 6}
