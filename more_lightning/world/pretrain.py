@@ -2,7 +2,7 @@
 
 ``python cli.py fit --config configs/tiny_llava_pretrain.yaml``
 
-Two stages in one ``fit`` (ENVIRONMENT.md: end-to-end training from scratch learns shape and
+Three stages in one ``fit`` (ENVIRONMENT.md: end-to-end training from scratch learns shape and
 position slowly on CPU):
 
 1. ``vision_steps`` steps train only the CLIP tower, supervised: a linear head per attribute
@@ -16,8 +16,10 @@ position slowly on CPU):
 3. The last ``restart_steps`` steps are a warm restart: the language modelling loss alone (no
    vision batch), fresh AdamW moments, a second warmup + cosine cycle peaking at ``restart_lr``,
    and the stream's ``restart_*`` mix (by default stage 2's). Stages 1–2 are unchanged by it,
-   step for step. Measured (README, "embedded world"): position accuracy was still rising when
-   stage 2's cosine had decayed, and a position-heavy restart lifts it.
+   step for step. Measured (README, "embedded world"): after stage 2 the model located objects
+   against the empty cells and position stayed at 86.5 % on the train split; a restart that is
+   mostly position questions about close-distractor and :func:`crowded_scene` scenes lifts it to
+   99.5 %.
 
 At the end the model and processor are saved with ``save_pretrained`` to ``out_dir``.
 """
@@ -354,7 +356,7 @@ class PretrainDataModule(L.LightningDataModule):
 
 
 class PretrainModule(L.LightningModule):
-    """Trains a fresh tiny LLaVA in two stages and saves it with ``save_pretrained``.
+    """Trains a fresh tiny LLaVA in three stages and saves it with ``save_pretrained``.
 
     Args:
         out_dir: where the model, tokenizer and processor are saved at the end of ``fit``.
