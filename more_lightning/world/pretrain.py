@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from more_lightning.backbones.llava import LLAVA_TEMPLATE, LLAVA_TEXT_TEMPLATE
+from more_lightning.backbones.llava import LLAVA_TEMPLATE, LLAVA_TEXT_TEMPLATE, LlavaBackbone
 from more_lightning.world.knowledge import Fact, build_knowledge, knowledge_words
 from more_lightning.world.questions import (
     CAPTION_PROMPTS,
@@ -370,6 +370,9 @@ class PretrainModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         model_seed: initialisation seed.
         num_threads: torch CPU threads.
+        init_from: start from this saved tiny LLaVA instead of fresh weights, e.g. to run stage 3
+            alone on a stage-2 model: ``--model.init_args.init_from DIR --trainer.max_steps 800
+            --data.init_args.vision_steps 0`` (with ``restart_steps: 800``).
     """
 
     def __init__(
@@ -386,6 +389,7 @@ class PretrainModule(L.LightningModule):
         weight_decay: float = 0.01,
         model_seed: int = 0,
         num_threads: int = 2,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -398,9 +402,20 @@ class PretrainModule(L.LightningModule):
             return
         dm = self.trainer.datamodule
         self.processor, self.stream = dm.processor, dm.stream
-        self.model = build_model(dm.tokenizer, dm.spec, seed=self.hparams.model_seed)
+        if self.hparams.init_from:
+            self.model = self._load(self.hparams.init_from, dm.tokenizer)
+        else:
+            self.model = build_model(dm.tokenizer, dm.spec, seed=self.hparams.model_seed)
         width = self.model.config.vision_config.hidden_size
         self.heads = nn.ModuleList([nn.Linear(width, n + 1) for n in (len(SHAPES), len(COLOURS), len(SIZES), 8)])
+
+    @staticmethod
+    def _load(path: str, tokenizer) -> nn.Module:
+        """A saved tiny LLaVA (safetensors, offline) whose tokenizer is the stream's."""
+        model, processor = LlavaBackbone(path=path).load()
+        if processor.tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"init_from={path}: its tokenizer.json is not this world's tokenizer (other vocabulary)")
+        return model.train()
 
     def _vision_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         tower = self.model.model.vision_tower
@@ -468,10 +483,10 @@ class PretrainModule(L.LightningModule):
             [{"params": vision, "lr": 1.0}, {"params": rest, "lr": 1.0}], weight_decay=hp.weight_decay
         )
         stage1, stage3 = self.stream.vision_steps, self.restart_step
-        if not stage1 < stage3 <= self.trainer.max_steps:
+        if not 0 <= stage1 <= stage3 <= self.trainer.max_steps:
             raise ValueError(
-                f"restart_steps={hp.restart_steps} leaves no stage 2: max_steps={self.trainer.max_steps}, "
-                f"vision_steps={stage1}"
+                f"stages do not fit in max_steps={self.trainer.max_steps}: vision_steps={stage1}, "
+                f"restart_steps={hp.restart_steps}"
             )
 
         def cycle(s: int, length: int, peak: float, warmup: int) -> float:

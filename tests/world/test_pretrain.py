@@ -1,8 +1,10 @@
 """Pretraining feeds the model exactly what the engine will: same ids, labels and pixels."""
 
 import random
+from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from more_lightning.backbones.llava import LlavaBackbone
@@ -148,3 +150,37 @@ def test_crowded_stage_three_scenes_have_four_to_six_objects_and_a_referent():
         named = [o for o in scene.objects if o.colour in prompt.split() and o.shape in prompt.rstrip("?").split()]
         assert [o.position for o in named] == [answer]
     assert counts == {4, 5, 6}
+
+
+MODEL = Path(__file__).parents[2] / "models" / "tiny_llava"
+
+
+class _FirstWeights(L.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.state = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def _trainer(steps: int, *callbacks) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=list(callbacks),
+    )  # fmt: skip
+
+
+def test_init_from_runs_stage_three_alone_on_a_saved_model(tmp_path):
+    dm = PretrainDataModule(batch_size=4, vision_batch_size=2, vision_steps=0, restart_mix={"vqa": 1.0})
+    module = PretrainModule(str(tmp_path / "model"), restart_steps=2, init_from=str(MODEL))
+    first = _FirstWeights()
+    _trainer(2, first).fit(module, dm)
+    saved = LlavaBackbone(path=str(MODEL)).load()[0].state_dict()
+    assert saved.keys() == first.state.keys()
+    for key, value in saved.items():
+        torch.testing.assert_close(first.state[key], value, rtol=0, atol=0)
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_init_from_refuses_a_model_of_another_vocabulary(tmp_path):
+    dm = PretrainDataModule(num_entities=20, batch_size=4, vision_batch_size=2, vision_steps=0)
+    module = PretrainModule(str(tmp_path / "model"), restart_steps=1, init_from=str(MODEL))
+    with pytest.raises(ValueError, match=r"tokenizer\.json is not this world's tokenizer"):
+        _trainer(1).fit(module, dm)
