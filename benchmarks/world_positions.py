@@ -18,10 +18,10 @@ from collections import defaultdict
 import torch
 
 from more_lightning.backbones.llava import LlavaBackbone
+from more_lightning.world.benchmark import _vqa_question
 from more_lightning.world.evaluate import greedy_answers
 from more_lightning.world.pretrain import Encoder
-from more_lightning.world.questions import make_vqa
-from more_lightning.world.scenes import render, sample_scene
+from more_lightning.world.scenes import render
 
 
 def position_questions(n: int, seed: str) -> list[tuple[str, object, str, int]]:
@@ -29,11 +29,9 @@ def position_questions(n: int, seed: str) -> list[tuple[str, object, str, int]]:
     rng = random.Random(seed)
     items = []
     while len(items) < n:
-        scene = sample_scene(rng)
-        item = make_vqa(scene, "position", rng)
-        if item is not None:
-            image = render(scene, jitter=rng.random() < 0.5, seed=rng.randrange(2**31))
-            items.append((item.question, image, item.answer, scene.count()))
+        scene, item = _vqa_question(rng, "position")  # the benchmark's rejection sampling
+        image = render(scene, jitter=rng.random() < 0.5, seed=rng.randrange(2**31))
+        items.append((item.question, image, item.answer, scene.count()))
     return items
 
 
