@@ -11,6 +11,11 @@ T = 1 is the single-editing protocol: ``--single-edits N`` edits (default 100), 
 the unedited model (``--model.init_args.single_edits true``) and scored right after it; with one
 edit on the model, its retention is its immediate score, so both columns show the mean over the
 N edits. A single one-edit run would be one sample.
+
+When a run's data carries held-out variants (a ``<stem>.heldout.json`` companion, so ``metrics.json`` has a
+``held_out`` block), each phase also gets held-out T-Gen / M-Gen / T-Loc / M-Loc / Avg columns, marked
+``(imm, held-out)`` / ``(ret, held-out)``, beside the seen ones (the plain columns, MMEdit's convention); rows
+without held-out variants show ``-`` there.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli
 
 KEYS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg")
+HELD_OUT_KEYS = ("t_gen", "m_gen", "t_loc", "m_loc", "avg")
 DEFAULT_CONFIGS = (
     "configs/tiny_llava_eic.yaml",
     "configs/tiny_llava_eic_lora_ft.yaml",
@@ -56,6 +62,35 @@ def run(config: str, num_edits: int, extra: list[str]) -> tuple[dict, str]:
     return metrics, "python cli.py " + shlex.join(args)
 
 
+def header(held_out: bool) -> list[str]:
+    """The markdown header and rule; held-out columns follow each phase's seen columns if ``held_out``."""
+    columns = []
+    for phase in ("imm", "ret"):
+        columns += [f"{k} ({phase})" for k in KEYS]
+        columns += [f"{k} ({phase}, held-out)" for k in HELD_OUT_KEYS] if held_out else []
+    columns += ["s/edit", "command"]
+    return ["| editor | task | T | " + " | ".join(columns) + " |", "|" + "---|" * (3 + len(columns))]
+
+
+def cells(metrics: dict, held_out: bool) -> list[str]:
+    """One row's score cells in :func:`header`'s order; ``-`` where a run has no held-out figures."""
+    row = []
+    for phase in ("immediate", "retention"):
+        row += [f"{metrics[phase][k]:.1f}" for k in KEYS]
+        if held_out:
+            scores = metrics.get("held_out", {}).get(phase, {})
+            row += [f"{scores[k]:.1f}" if k in scores else "-" for k in HELD_OUT_KEYS]
+    return row
+
+
+def format_row(metrics: dict, horizon: int, command: str, held_out: bool) -> str:
+    return (
+        f"| {metrics['editor']} | {metrics['task']} | {horizon} | "
+        + " | ".join(cells(metrics, held_out))
+        + f" | {metrics['seconds_per_edit']:.3f} | `{command}` |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", choices=("eval", "train"), default="eval")
@@ -65,28 +100,25 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run, e.g. --model...")
     parser.add_argument("--out", help="also write the rows as JSON lines here")
     args = parser.parse_args()
-    header = "| editor | task | T | " + " | ".join(f"{k} (imm)" for k in KEYS) + " | "
-    header += " | ".join(f"{k} (ret)" for k in KEYS) + " | s/edit | command |"
-    rows = [header, "|" + "---|" * (3 + 2 * len(KEYS) + 2)]
+    runs = []  # (metrics, horizon, command)
     for config in args.configs:
         for horizon in args.horizons:
             extra = [*split_file(config, args.split), *args.set]
             if horizon == 1:
                 metrics, command = run(config, args.single_edits, [*extra, "--model.init_args.single_edits", "true"])
                 metrics["retention"] = metrics["immediate"]  # one edit on the model: retained = immediate
+                if "held_out" in metrics:
+                    metrics["held_out"]["retention"] = metrics["held_out"]["immediate"]
             else:
                 metrics, command = run(config, horizon, extra)
-            cells = [f"{metrics['immediate'][k]:.1f}" for k in KEYS] + [f"{metrics['retention'][k]:.1f}" for k in KEYS]
-            rows.append(
-                f"| {metrics['editor']} | {metrics['task']} | {horizon} | "
-                + " | ".join(cells)
-                + f" | {metrics['seconds_per_edit']:.3f} | `{command}` |"
-            )
+            runs.append((metrics, horizon, command))
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps({"config": config, "command": command, **metrics}) + "\n")
-            print(rows[-1], flush=True)
-    print("\n".join(rows))
+            print(format_row(metrics, horizon, command, "held_out" in metrics), flush=True)
+    held_out = any("held_out" in metrics for metrics, _, _ in runs)
+    rows = [format_row(metrics, horizon, command, held_out) for metrics, horizon, command in runs]
+    print("\n".join([*header(held_out), *rows]))
 
 
 if __name__ == "__main__":

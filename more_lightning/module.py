@@ -14,6 +14,21 @@ With ``single_edits`` the stream is the single-editing protocol (T = 1 in the pa
 after each edit is evaluated, the trainable parameters and the optimizer's state are restored to
 what they were before the first edit, so every edit is applied to the unedited model and the
 immediate scores average many independent single edits.
+
+Seen vs held-out (DESIGN §3): the composite loss trains on the tuple's rephrase, image rephrase and
+locality samples, so T-Gen / M-Gen / T-Loc / M-Loc on those same samples (``seen``, MMEdit's
+convention) measure one memorised variant. When the stream carries held-out variants (a
+``<stem>.heldout.json`` companion), they are encoded and their locality references taken from
+θ_{t-1} before the write, never enter any loss, and are scored beside the seen ones with the same
+metric classes, immediately and in the retention pass. Held-out Avg = mean of Rel and the four
+held-out scores. ``metrics.json`` keeps its seen keys and adds
+
+    "headline": "held_out" | "seen",   # held_out where a companion exists
+    "held_out": {"immediate": {t_gen, m_gen, t_loc, m_loc, avg}, "retention": {...},
+                 "locality_agreement": {t_loc, m_loc}, "exact_match": {"immediate": {t_gen, m_gen}, ...}}
+
+(``held_out`` only with a companion); TensorBoard gets ``held_out/immediate/<score>`` per edit and
+``held_out/final_immediate/<score>``, ``held_out/final_retention/<score>`` at the end.
 """
 
 from __future__ import annotations
@@ -30,16 +45,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
 from more_lightning.backbones.base import Backbone, ModelInputs, shift_for_loss
-from more_lightning.data.records import EditTuple
+from more_lightning.data.records import EditTuple, Query
 from more_lightning.editors.base import Editor
 from more_lightning.editors.state import apply_edit_state, edit_state_dict, load_edit_state, save_edit_state
 from more_lightning.keys import KeyCapture
 from more_lightning.metrics import (
+    EDIT_SCORE_KEYS,
     LocalityAgreement,
     ModalGenerality,
     ModalLocality,
@@ -56,6 +73,7 @@ log = logging.getLogger(__name__)
 EDIT_KEYS = ("edit", "t_gen", "m_gen")  # supervised with the edit target
 LOC_KEYS = ("t_loc", "m_loc")  # compared with the pre-edit model
 SCORE_OF = {"edit": "rel", "t_gen": "t_gen", "m_gen": "m_gen", "t_loc": "t_loc", "m_loc": "m_loc"}
+HELD_OUT_KEYS = ("t_gen", "m_gen", "t_loc", "m_loc")  # scored on held-out variants, never trained on
 
 
 @dataclass
@@ -75,6 +93,10 @@ def _kl(logits: Tensor, ref: Reference) -> Tensor:
     """Mean over answer positions of KL(p_θ ‖ p_{t-1})."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)[ref.mask]  # (n, V)
     return (logp.exp() * (logp - ref.logp[ref.mask])).sum(-1).mean()
+
+
+def _to_cpu(refs: dict[str, Reference]) -> dict[str, Reference]:
+    return {k: Reference(v.logp.cpu(), v.mask.cpu()) for k, v in refs.items()}
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -134,7 +156,11 @@ class OnlineEditModule(LightningModule):
         self.keys = KeyCapture(editor.key_modules(), pool=editor.pool_keys)
         self.immediate = self._score_metrics()
         self.retained = self._score_metrics()
+        #: the same metrics on the held-out variants (no ``rel``: the edit prompt has no held-out variant).
+        self.immediate_held_out = self._score_metrics(HELD_OUT_KEYS)
+        self.retained_held_out = self._score_metrics(HELD_OUT_KEYS)
         self._references: dict[int, dict[str, Reference]] = {}
+        self._held_out_references: dict[int, dict[str, Reference]] = {}
         #: per edit: wall seconds of the whole edit and of the editor's own statistics + write.
         self.timings: list[dict[str, float]] = []
         self.summary: dict | None = None
@@ -147,18 +173,13 @@ class OnlineEditModule(LightningModule):
         return self.timings[-1] if self.timings else {}
 
     @staticmethod
-    def _score_metrics() -> torch.nn.ModuleDict:
-        return torch.nn.ModuleDict(
-            {
-                "rel": Reliability(),
-                "t_gen": TextGenerality(),
-                "m_gen": ModalGenerality(),
-                "t_loc": TextLocality(),
-                "m_loc": ModalLocality(),
-                "t_loc_agree": LocalityAgreement(),
-                "m_loc_agree": LocalityAgreement(),
-            }
-        )
+    def _score_metrics(keys: tuple[str, ...] = EDIT_SCORE_KEYS) -> torch.nn.ModuleDict:
+        """A metric per score in ``keys``, plus the argmax-agreement twin of each locality score."""
+        metric = {"rel": Reliability, "t_gen": TextGenerality, "m_gen": ModalGenerality}
+        metric |= {"t_loc": TextLocality, "m_loc": ModalLocality}
+        metrics = {k: metric[k]() for k in keys}
+        metrics |= {f"{k}_agree": LocalityAgreement() for k in LOC_KEYS if k in keys}
+        return torch.nn.ModuleDict(metrics)
 
     # --- Lightning plumbing ----------------------------------------------------------------------
     @override
@@ -171,10 +192,18 @@ class OnlineEditModule(LightningModule):
         return optimizer
 
     def encode(self, batch: EditTuple) -> dict[str, ModelInputs]:
+        """The five seen queries (``edit``, ``t_gen``, ``m_gen``, ``t_loc``, ``m_loc``), encoded."""
+        return self._encode(batch.queries())
+
+    def encode_held_out(self, batch: EditTuple) -> dict[str, ModelInputs]:
+        """The held-out ``t_gen`` / ``m_gen`` / ``t_loc`` / ``m_loc`` queries, encoded; empty without a companion."""
+        return self._encode(batch.held_out_queries())
+
+    def _encode(self, queries: dict[str, Query]) -> dict[str, ModelInputs]:
         dtype = self.model.dtype
         return {
             name: self.backbone.encode(self.processor, q, self.image_token_id).to(self.device, dtype)
-            for name, q in batch.queries().items()
+            for name, q in queries.items()
         }
 
     def logits(self, inputs: ModelInputs) -> Tensor:
@@ -183,9 +212,9 @@ class OnlineEditModule(LightningModule):
     # --- the edit --------------------------------------------------------------------------------
     @torch.no_grad()
     def references(self, inputs: dict[str, ModelInputs]) -> dict[str, Reference]:
-        """θ_{t-1}'s log-probabilities on the locality queries, computed once per edit."""
+        """θ_{t-1}'s log-probabilities on the locality queries among ``inputs``, computed once per edit."""
         refs = {}
-        for name in LOC_KEYS:
+        for name in (k for k in LOC_KEYS if k in inputs):
             logits, labels = shift_for_loss(self.logits(inputs[name]), inputs[name].labels)
             refs[name] = Reference(F.log_softmax(logits.float(), dim=-1), labels != -100)
         return refs
@@ -207,9 +236,47 @@ class OnlineEditModule(LightningModule):
     @override
     def training_step(self, batch: EditTuple, batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
+        held_inputs = self.encode_held_out(batch)  # scored only: never part of the loss below
+        held_refs = self.references(held_inputs)  # from θ_{t-1}, like the seen references
         start = time.perf_counter()
         inputs = self.encode(batch)
         refs = self.references(inputs)
+        loss, editor_seconds = self.write(optimizer, inputs, refs)
+        edit_seconds = time.perf_counter() - start
+        self.timings.append({"edit_seconds": edit_seconds, "editor_seconds": editor_seconds})
+        scores = self.evaluate(inputs, refs, self.immediate)
+        held = self.evaluate_held_out(held_inputs, held_refs, self.immediate_held_out, rel=scores["rel"])
+        self._references[batch.index] = _to_cpu(refs)
+        if held_inputs:
+            self._held_out_references[batch.index] = _to_cpu(held_refs)
+        if self.single_edits:  # back to the state before the first edit
+            optimizer.optimizer.state.clear()
+            apply_edit_state(self.model, optimizer.optimizer, self._initial_state)
+        step = batch.index + 1
+        if self.save_every and step % self.save_every == 0:
+            self.save_edit_state()
+        self._log_scalars({f"immediate/{k}": v for k, v in scores.items()}, step)
+        self._log_scalars({f"held_out/immediate/{k}": v for k, v in held.items()}, step)
+        self._log_scalars(
+            {"edit/loss": float(loss), "edit/seconds": edit_seconds, "edit/editor_seconds": editor_seconds}, step
+        )
+        self.log("rel", self.immediate["rel"].compute(), prog_bar=True, on_step=True, batch_size=1)
+        self.log(
+            "loc",
+            (self.immediate["t_loc"].compute() + self.immediate["m_loc"].compute()) / 2,
+            prog_bar=True,
+            on_step=True,
+            batch_size=1,
+        )
+        return loss
+
+    def write(
+        self, optimizer: LightningOptimizer, inputs: dict[str, ModelInputs], refs: dict[str, Reference]
+    ) -> tuple[Tensor, float]:
+        """``steps_per_edit`` × (composite loss, backward, editor step), then the editor's ``end_edit``.
+
+        Returns the last (detached) loss and the seconds spent in the editor's own statistics and write.
+        """
         editor_seconds = 0.0
         for inner in range(self.editor.steps_per_edit):
             self.keys.reset()
@@ -225,36 +292,16 @@ class OnlineEditModule(LightningModule):
         self.editor.end_edit(optimizer.optimizer)
         editor_seconds += time.perf_counter() - tick
         optimizer.zero_grad()
-        edit_seconds = time.perf_counter() - start
-        self.timings.append({"edit_seconds": edit_seconds, "editor_seconds": editor_seconds})
-        scores = self.evaluate(inputs, refs, self.immediate)
-        self._references[batch.index] = {k: Reference(v.logp.cpu(), v.mask.cpu()) for k, v in refs.items()}
-        if self.single_edits:  # back to the state before the first edit
-            optimizer.optimizer.state.clear()
-            apply_edit_state(self.model, optimizer.optimizer, self._initial_state)
-        step = batch.index + 1
-        if self.save_every and step % self.save_every == 0:
-            self.save_edit_state()
-        self._log_scalars({f"immediate/{k}": v for k, v in scores.items()}, step)
-        self._log_scalars(
-            {"edit/loss": float(loss.detach()), "edit/seconds": edit_seconds, "edit/editor_seconds": editor_seconds},
-            step,
-        )
-        self.log("rel", self.immediate["rel"].compute(), prog_bar=True, on_step=True, batch_size=1)
-        self.log(
-            "loc",
-            (self.immediate["t_loc"].compute() + self.immediate["m_loc"].compute()) / 2,
-            prog_bar=True,
-            on_step=True,
-            batch_size=1,
-        )
-        return loss.detach()
+        return loss.detach(), editor_seconds
 
     @torch.no_grad()
     def evaluate(
         self, inputs: dict[str, ModelInputs], refs: dict[str, Reference], metrics: torch.nn.ModuleDict
     ) -> dict[str, float]:
-        """Scores of one edit in percent; also accumulated into ``metrics``."""
+        """Scores of one edit in percent; also accumulated into ``metrics``.
+
+        ``avg`` is added when ``inputs`` hold all five queries (the seen set).
+        """
         scores = {}
         for name, query in inputs.items():
             logits, labels = shift_for_loss(self.logits(query), query.labels)
@@ -271,7 +318,18 @@ class OnlineEditModule(LightningModule):
                 metrics[f"{key}_agree"].update(logp, ref_logp, mask)
                 scores[key] = 100 * float(locality_score(logp, ref_logp, mask)[0])
                 scores[f"{key}_agree"] = 100 * float(argmax_agreement(logp, ref_logp, mask)[0])
-        scores["avg"] = average_score(scores)
+        if all(k in scores for k in EDIT_SCORE_KEYS):
+            scores["avg"] = average_score(scores)
+        return scores
+
+    def evaluate_held_out(
+        self, inputs: dict[str, ModelInputs], refs: dict[str, Reference], metrics: torch.nn.ModuleDict, rel: float
+    ) -> dict[str, float]:
+        """Held-out scores of one edit in percent (empty without held-out inputs); ``avg`` uses the seen ``rel``."""
+        if not inputs:
+            return {}
+        scores = self.evaluate(inputs, refs, metrics)
+        scores["avg"] = average_score({**scores, "rel": rel})
         return scores
 
     # --- after the stream ------------------------------------------------------------------------
@@ -280,59 +338,82 @@ class OnlineEditModule(LightningModule):
         if self.retention and self._references:
             dataset = self.trainer.train_dataloader.dataset
             for index, refs in sorted(self._references.items()):
-                inputs = self.encode(dataset[index])
-                self.evaluate(inputs, refs, self.retained)
+                item = dataset[index]
+                self.evaluate(self.encode(item), refs, self.retained)
+                if index in self._held_out_references:
+                    self.evaluate(self.encode_held_out(item), self._held_out_references[index], self.retained_held_out)
         self.save_edit_state()
         self.summary = self._summary()
         step = len(self._references)
+        held_out = self.summary.get("held_out", {})
         for phase in ("immediate", "retention"):
             self._log_scalars({f"final_{phase}/{k}": v for k, v in self.summary[phase].items()}, step)
+            self._log_scalars({f"held_out/final_{phase}/{k}": v for k, v in held_out.get(phase, {}).items()}, step)
         self._write_summary()
 
-    def _totals(self, metrics: torch.nn.ModuleDict) -> dict[str, float]:
-        if metrics["rel"].update_count == 0:
+    @staticmethod
+    def _totals(metrics: torch.nn.ModuleDict, rel: Reliability) -> dict[str, float]:
+        """Stream means of the scores in ``metrics`` and their ``avg`` (with ``rel`` when ``metrics`` lacks it)."""
+        if rel.update_count == 0 or metrics["t_gen"].update_count == 0:
             return {}
-        totals = {k: float(metrics[k].compute()) for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc")}
-        totals["avg"] = average_score(totals)
+        totals = {k: float(metrics[k].compute()) for k in EDIT_SCORE_KEYS if k in metrics}
+        totals["avg"] = average_score({"rel": float(rel.compute()), **totals})
         return totals
 
     @staticmethod
     def _exact(metrics: torch.nn.ModuleDict) -> dict[str, float]:
-        if metrics["rel"].update_count == 0:
+        if metrics["t_gen"].update_count == 0:
             return {}
-        return {k: float(metrics[k].compute_exact_match()) for k in ("rel", "t_gen", "m_gen")}
+        return {k: float(metrics[k].compute_exact_match()) for k in ("rel", "t_gen", "m_gen") if k in metrics}
+
+    def _agreement(self, immediate: torch.nn.ModuleDict, retained: torch.nn.ModuleDict) -> dict[str, float]:
+        """MMEdit's locality convention (argmax agreement): after the stream if retention ran, else immediate."""
+        metrics = retained if self.retention else immediate
+        return {k: float(metrics[f"{k}_agree"].compute()) for k in LOC_KEYS}
 
     def _summary(self) -> dict:
         seconds = [t["edit_seconds"] for t in self.timings]
-        return {
+        summary = {
             "editor": type(self.editor).__name__,
             "backbone": f"{type(self.backbone).__name__}:{Path(self.backbone.path).name}",
             "task": self.task,
             "num_edits": len(self._references),
             "protocol": "single" if self.single_edits else "sequential",
-            "immediate": self._totals(self.immediate),
-            "retention": self._totals(self.retained),
-            "locality_agreement": {
-                k: float(
-                    self.retained[f"{k}_agree"].compute() if self.retention else self.immediate[f"{k}_agree"].compute()
-                )
-                for k in LOC_KEYS
-            },
+            "headline": "held_out" if self._held_out_references else "seen",
+            "immediate": self._totals(self.immediate, self.immediate["rel"]),
+            "retention": self._totals(self.retained, self.retained["rel"]),
+            "locality_agreement": self._agreement(self.immediate, self.retained),
             "exact_match": {"immediate": self._exact(self.immediate), "retention": self._exact(self.retained)},
             "seconds_per_edit": float(sum(seconds) / len(seconds)) if seconds else 0.0,
         }
+        if self._held_out_references:
+            held, retained = self.immediate_held_out, self.retained_held_out
+            summary["held_out"] = {
+                "immediate": self._totals(held, self.immediate["rel"]),
+                "retention": self._totals(retained, self.retained["rel"]),
+                "locality_agreement": self._agreement(held, retained),
+                "exact_match": {"immediate": self._exact(held), "retention": self._exact(retained)},
+            }
+        return summary
 
     def _write_summary(self) -> None:
         if self.trainer is None or not self.trainer.is_global_zero:
             return
         s = self.summary
-        lines = [f"{'':10s}" + "".join(f"{k:>8s}" for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg"))]
-        for phase in ("immediate", "retention"):
-            if s[phase]:
-                lines.append(
-                    f"{phase:10s}"
-                    + "".join(f"{s[phase][k]:8.2f}" for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg"))
-                )
+        keys = ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg")
+        rows = {phase: s[phase] for phase in ("immediate", "retention")}
+        if "held_out" in s:  # seen and held-out rows; the held-out row repeats the edit's own Rel
+            rows = {
+                f"{phase} {kind}": {"rel": s[phase].get("rel", 0.0), **scores[phase]}
+                for phase in ("immediate", "retention")
+                for kind, scores in (("seen", s), ("held_out", s["held_out"]))
+                if scores[phase]
+            }
+        width = max(10, *(len(label) + 1 for label in rows))
+        lines = [f"{'':{width}s}" + "".join(f"{k:>8s}" for k in keys)]
+        for label, scores in rows.items():
+            if scores:
+                lines.append(f"{label:{width}s}" + "".join(f"{scores[k]:8.2f}" for k in keys))
         path = self.run_dir() / "metrics.json"
         _atomic_write_text(path, json.dumps(s, indent=2))
         rank_zero_info(
@@ -355,5 +436,7 @@ class OnlineEditModule(LightningModule):
         return path
 
     def _log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        if not scalars:
+            return
         for logger in self.loggers:
             logger.log_metrics(scalars, step=step)

@@ -8,6 +8,15 @@ is the first ``num_edits`` records of a seeded permutation, one :class:`EditTupl
     m_gen  = (src,      alt,    image_rephrase)   -> M-Generality
     t_loc  = (loc,      loc_ans)                  -> T-Locality
     m_loc  = (m_loc_q,  m_loc_a, m_loc image)     -> M-Locality
+
+With a held-out companion (``<stem>.heldout.json`` beside the data file, see
+:func:`~more_lightning.data.schema.read_heldout`) each tuple also carries ``held_out``, built the same way
+from the companion record ``h`` — the composite loss never sees these, they are only scored:
+
+    t_gen  = (h.rephrase, alt,     image)            -> held-out T-Generality
+    m_gen  = (src,        alt,     h.image_rephrase) -> held-out M-Generality
+    t_loc  = (h.loc,      h.loc_ans)                 -> held-out T-Locality
+    m_loc  = (h.m_loc_q,  h.m_loc_a, h.m_loc image)  -> held-out M-Locality
 """
 
 from __future__ import annotations
@@ -17,10 +26,11 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from more_lightning.data.records import EditRecord, EditTuple, Query
-from more_lightning.data.schema import load_image, read_mmedit
+from more_lightning.data.records import EditRecord, EditTuple, HeldOutQueries, Query
+from more_lightning.data.schema import DataFileError, heldout_path, load_image, read_mmedit
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +55,20 @@ class EditStream(Dataset):
             t_loc=Query(r.loc, r.loc_ans, None),
             m_loc=Query(r.m_loc_q, r.m_loc_a, load_image(r.m_loc)),
             source=r.source,
+            held_out=_held_out_queries(r, image),
         )
+
+
+def _held_out_queries(r: EditRecord, image: Image.Image) -> HeldOutQueries | None:
+    h = r.held_out
+    if h is None:
+        return None
+    return HeldOutQueries(
+        t_gen=Query(h.rephrase, r.alt, image),
+        m_gen=Query(r.src, r.alt, load_image(h.image_rephrase)),
+        t_loc=Query(h.loc, h.loc_ans, None),
+        m_loc=Query(h.m_loc_q, h.m_loc_a, load_image(h.m_loc)),
+    )
 
 
 def _single(item: EditTuple) -> EditTuple:
@@ -64,6 +87,10 @@ class EditStreamDataModule(LightningDataModule):
         seed: seeds the stream order.
         shuffle: ``False`` keeps file order.
         check_images: open every image during validation (slower start, no surprise mid-stream).
+        heldout_file: held-out variants of the generality / locality samples, scored but never trained on
+            (DESIGN §3). ``"auto"``: ``<stem>.heldout.json`` beside ``data_file`` if it exists, else none;
+            ``None`` or ``"none"``: never; a path: that companion, which must exist. It is validated like the
+            main file (one object per record, same order; images under ``rephrase_root`` / ``m_loc_root``).
     """
 
     def __init__(
@@ -76,6 +103,7 @@ class EditStreamDataModule(LightningDataModule):
         seed: int = 0,
         shuffle: bool = True,
         check_images: bool = True,
+        heldout_file: str | None = "auto",
     ) -> None:
         super().__init__()
         if num_edits is not None and num_edits < 1:
@@ -88,6 +116,7 @@ class EditStreamDataModule(LightningDataModule):
         self.seed = seed
         self.shuffle = shuffle
         self.check_images = check_images
+        self.heldout_file = heldout_file
         self.stream: EditStream | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -99,8 +128,14 @@ class EditStreamDataModule(LightningDataModule):
                 f"data file {str(path)!r} not found. For the embedded world run "
                 "`python -m more_lightning.world.benchmark --out data/embedded`; for MMEdit set `--data.data_file`."
             )
+        heldout = self.resolve_heldout_file()
         records = read_mmedit(
-            path, self.image_root, self.rephrase_root, m_loc_root=self.m_loc_root, check_images=self.check_images
+            path,
+            self.image_root,
+            self.rephrase_root,
+            m_loc_root=self.m_loc_root,
+            check_images=self.check_images,
+            heldout_file=heldout,
         )
         order = list(range(len(records)))
         if self.shuffle:
@@ -109,7 +144,33 @@ class EditStreamDataModule(LightningDataModule):
         if n > len(records):
             raise ValueError(f"data.num_edits={n} but {path.name} has only {len(records)} records")
         self.stream = EditStream([records[i] for i in order[:n]])
-        log.info("edit stream: %d edits from %s (seed %d)", n, path, self.seed)
+        log.info(
+            "edit stream: %d edits from %s (seed %d), %s",
+            n,
+            path,
+            self.seed,
+            f"held-out variants from {heldout.name}" if heldout else "no held-out variants",
+        )
+
+    def resolve_heldout_file(self) -> Path | None:
+        """The held-out companion this stream uses (see ``heldout_file``), or ``None``.
+
+        Raises:
+            DataFileError: ``heldout_file`` names a file that does not exist.
+        """
+        setting = self.heldout_file
+        if setting is None or str(setting).strip().lower() == "none":
+            return None
+        if setting == "auto":
+            candidate = heldout_path(self.data_file)
+            return candidate if candidate.is_file() else None
+        path = Path(setting)
+        if not path.is_file():
+            raise DataFileError(
+                f"{path}: held-out companion not found — fix data.heldout_file (a path, 'auto' to use "
+                f"{heldout_path(self.data_file).name} when it exists, or 'none')"
+            )
+        return path
 
     def transfer_batch_to_device(self, batch: EditTuple, device: torch.device, dataloader_idx: int) -> EditTuple:
         return batch  # raw text and PIL images: the module encodes them and moves the tensors

@@ -4,6 +4,11 @@ An :class:`EditRecord` is one validated MMEdit record (DESIGN §5) with image pa
 against their roots; an :class:`EditTuple` is what the stream yields for one edit: the five
 prompts the engine evaluates (edit, text rephrase, image rephrase, text locality, multimodal
 locality), each as a :class:`Query` of prompt text, target text and an optional image.
+
+Held-out variants (DESIGN §3, "seen vs held-out"): a record may carry a :class:`HeldOutRecord`
+read from a companion file — another text rephrase, image rephrase, text-locality and
+multimodal-locality sample that no loss ever trains on — and its tuple then carries them as
+:class:`HeldOutQueries`. Without a companion both are ``None``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,24 @@ MMEDIT_KEYS: tuple[str, ...] = (
     "m_loc_q",
     "m_loc_a",
 )
+#: The 7 keys of a held-out companion record (``<stem>.heldout.json``), one object per main record.
+HELDOUT_KEYS: tuple[str, ...] = ("rephrase", "image_rephrase", "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
+
+
+@dataclass(frozen=True)
+class HeldOutRecord:
+    """One validated held-out companion record; image fields are absolute paths inside their roots.
+
+    ``image_rephrase`` lies under the main file's rephrase root and ``m_loc`` under its ``m_loc`` root.
+    """
+
+    rephrase: str
+    image_rephrase: Path
+    loc: str
+    loc_ans: str
+    m_loc: Path
+    m_loc_q: str
+    m_loc_a: str
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,7 @@ class EditRecord:
     m_loc_a: str
     source: str = ""  # "file.json#index" — where the record came from, for error messages
     index: int = -1
+    held_out: HeldOutRecord | None = None  # variants no loss uses; None without a companion file
 
 
 @dataclass(frozen=True)
@@ -58,8 +82,21 @@ class Query:
 
 
 @dataclass(frozen=True)
+class HeldOutQueries:
+    """The held-out probes of one edit: scored like their seen namesakes, never part of any loss."""
+
+    t_gen: Query
+    m_gen: Query
+    t_loc: Query
+    m_loc: Query
+
+    def queries(self) -> dict[str, Query]:
+        return {"t_gen": self.t_gen, "m_gen": self.m_gen, "t_loc": self.t_loc, "m_loc": self.m_loc}
+
+
+@dataclass(frozen=True)
 class EditTuple:
-    """Everything one edit request needs: the edit and its four evaluation probes."""
+    """Everything one edit request needs: the edit, its four (seen) evaluation probes and optional held-out ones."""
 
     index: int  # position in the stream, 0-based
     edit: Query
@@ -68,6 +105,12 @@ class EditTuple:
     t_loc: Query
     m_loc: Query
     source: str = ""
+    held_out: HeldOutQueries | None = None
 
     def queries(self) -> dict[str, Query]:
+        """The five seen queries: the edit loss trains on all of them."""
         return {"edit": self.edit, "t_gen": self.t_gen, "m_gen": self.m_gen, "t_loc": self.t_loc, "m_loc": self.m_loc}
+
+    def held_out_queries(self) -> dict[str, Query]:
+        """The held-out ``t_gen`` / ``m_gen`` / ``t_loc`` / ``m_loc`` queries; empty without a companion."""
+        return self.held_out.queries() if self.held_out is not None else {}

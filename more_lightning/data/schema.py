@@ -13,6 +13,14 @@ default), non-ASCII text, ``alt == pred`` (kept, with one warning per file) and 
 
 :func:`write_mmedit` is the writer the embedded benchmark generator uses; it runs the same
 :func:`validate_record` and replaces the target file atomically.
+
+Held-out companion (DESIGN §3, "seen vs held-out"): beside ``<dir>/<stem>.json`` there may be
+``<dir>/<stem>.heldout.json`` (:func:`heldout_path`), a JSON list with exactly one object per record of the main
+file, in the same order, each with the 7 string keys of :data:`~more_lightning.data.records.HELDOUT_KEYS`:
+another text rephrase, another image rephrase (relative to the main file's rephrase root), another text-locality
+question/answer, and another multimodal-locality image (relative to the main file's ``m_loc`` root), question and
+answer. :func:`read_heldout` validates it exactly like the main file (same errors: file, record index, field);
+``read_mmedit(..., heldout_file=...)`` attaches it to the records. Real MMEdit files have no companion.
 """
 
 from __future__ import annotations
@@ -23,12 +31,13 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from more_lightning.data.records import MMEDIT_KEYS, EditRecord
+from more_lightning.data.records import HELDOUT_KEYS, MMEDIT_KEYS, EditRecord, HeldOutRecord
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +45,10 @@ logger = logging.getLogger(__name__)
 IMAGE_FIELDS: tuple[str, ...] = ("image", "image_rephrase", "m_loc")
 #: Text fields that must be non-empty: without them there is no edit to make.
 REQUIRED_TEXT_FIELDS: tuple[str, ...] = ("src", "alt")
+#: Image fields of a held-out companion record (relative to the main file's rephrase / ``m_loc`` roots).
+HELDOUT_IMAGE_FIELDS: tuple[str, ...] = ("image_rephrase", "m_loc")
+#: What replaces ``.json`` / ``.jsonl`` in a main file's name to name its held-out companion.
+HELDOUT_SUFFIX = ".heldout.json"
 #: How many record indices a once-per-file warning lists.
 _WARN_MAX_INDICES = 5
 # A run of whitespace that holds a line break: folded to one space when stripping.
@@ -93,19 +106,44 @@ def validate_record(raw: dict, where: str) -> None:
     Raises:
         RecordError: naming ``where`` and the first offending field.
     """
+    _check_string_fields(raw, where, MMEDIT_KEYS, "the 11 MMEdit keys")
+    for key in REQUIRED_TEXT_FIELDS:
+        if not raw[key].strip():
+            what = "empty target" if key == "alt" else "empty prompt"
+            raise RecordError(where, key, what, f"every record needs a non-empty {key!r}")
+    for key in IMAGE_FIELDS:
+        _check_relative(raw[key].strip(), where, key)
+
+
+def validate_heldout_record(raw: dict, where: str) -> None:
+    """Check one raw held-out companion record (the 7 :data:`HELDOUT_KEYS`) without touching the file system.
+
+    Same checks as :func:`validate_record`: a dict, every key present and a string, image fields non-empty
+    relative paths.
+
+    Raises:
+        RecordError: naming ``where`` and the first offending field.
+    """
+    _check_string_fields(raw, where, HELDOUT_KEYS, "the 7 held-out keys")
+    for key in HELDOUT_IMAGE_FIELDS:
+        _check_relative(raw[key].strip(), where, key)
+
+
+def _check_string_fields(raw: dict, where: str, keys: tuple[str, ...], what: str) -> None:
+    """``raw`` is a dict holding every one of ``keys`` as a string (``what`` names the key set in the fix)."""
     if not isinstance(raw, dict):
         raise RecordError(
             where, None, f"expected a JSON object, found {_json_type(raw)}", "each list item must be an object"
         )
-    missing = [key for key in MMEDIT_KEYS if key not in raw]
+    missing = [key for key in keys if key not in raw]
     if missing:
         raise RecordError(
             where,
             missing[0],
             f"missing key (missing: {', '.join(missing)}; present: {', '.join(map(str, raw)) or 'none'})",
-            f"every record needs the 11 MMEdit keys: {', '.join(MMEDIT_KEYS)}",
+            f"every record needs {what}: {', '.join(keys)}",
         )
-    for key in MMEDIT_KEYS:
+    for key in keys:
         value = raw[key]
         if not isinstance(value, str):
             raise RecordError(
@@ -114,12 +152,6 @@ def validate_record(raw: dict, where: str) -> None:
                 f"expected a string, found {_json_type(value)} ({value!r:.60})",
                 "write the value as a JSON string (quoted)",
             )
-    for key in REQUIRED_TEXT_FIELDS:
-        if not raw[key].strip():
-            what = "empty target" if key == "alt" else "empty prompt"
-            raise RecordError(where, key, what, f"every record needs a non-empty {key!r}")
-    for key in IMAGE_FIELDS:
-        _check_relative(raw[key].strip(), where, key)
 
 
 def _check_relative(rel: str, where: str, field: str) -> None:
@@ -235,6 +267,37 @@ def _warn_indices(path: Path, indices: list[int], what: str) -> None:
         logger.warning("%s: %d record(s) %s (indices %s); they are kept", path.name, len(indices), what, shown)
 
 
+def _fields(
+    raw: dict,
+    where: str,
+    keys: tuple[str, ...],
+    image_fields: tuple[str, ...],
+    roots: dict[str, Path],
+    strip: bool,
+    check_images: bool,
+    checked: set[Path],
+) -> tuple[dict[str, str], dict[str, Path]]:
+    """A validated record's cleaned text values and its image paths resolved inside their roots (and opened)."""
+    values = {key: _clean(raw[key], strip) for key in keys}
+    images = {key: resolve_inside(raw[key].strip(), roots[key], where, key) for key in image_fields}
+    if check_images:
+        for key, image in images.items():
+            _check_image(image, where, key, checked)
+    return values, images
+
+
+def _note_empty_text(
+    values: dict[str, str],
+    keys: tuple[str, ...],
+    image_fields: tuple[str, ...],
+    index: int,
+    empty: dict[str, list[int]],
+) -> None:
+    for key in keys:
+        if key not in image_fields and not values[key].strip():
+            empty.setdefault(key, []).append(index)
+
+
 def read_mmedit(
     path: str | Path,
     image_root: str | Path,
@@ -243,8 +306,9 @@ def read_mmedit(
     strip: bool = True,
     check_images: bool = True,
     limit: int | None = None,
+    heldout_file: str | Path | None = None,
 ) -> list[EditRecord]:
-    """Read and fully validate an MMEdit file (``.json`` list or ``.jsonl``).
+    """Read and fully validate an MMEdit file (``.json`` list or ``.jsonl``), and its held-out companion if given.
 
     Args:
         path: the file, e.g. ``data/mmedit/vqa_eval.json``.
@@ -255,18 +319,22 @@ def read_mmedit(
         check_images: check that every image exists and PIL can open it (``verify``; decoding is left to
             :func:`load_image`).
         limit: read only the first ``limit`` records (and validate only those).
+        heldout_file: a held-out companion (see :func:`read_heldout`; usually :func:`heldout_path` of ``path``)
+            to validate and attach as each record's ``held_out``; ``None``: no held-out variants.
 
     Returns:
         One :class:`EditRecord` per record, in file order, with absolute image paths inside their roots.
 
     Raises:
-        DataFileError: the file is missing, not UTF-8, malformed JSON or not a list.
+        DataFileError: the file (or the companion) is missing, not UTF-8, malformed JSON or not a list; the
+            companion's length differs from the file's.
         RecordError: a record is unusable; names the file, record index and field.
     """
     path = Path(path)
     roots = {"image": Path(image_root), "image_rephrase": Path(rephrase_root)}
     roots["m_loc"] = Path(m_loc_root) if m_loc_root is not None else roots["image"]
     raw_records = _load_raw(path)
+    num_records = len(raw_records)
     if limit is not None:
         raw_records = raw_records[: max(limit, 0)]
     records: list[EditRecord] = []
@@ -276,22 +344,98 @@ def read_mmedit(
     for index, raw in enumerate(raw_records):
         where = f"{path.name} record {index}"
         validate_record(raw, where)
-        values = {key: _clean(raw[key], strip) for key in MMEDIT_KEYS}
-        images = {key: resolve_inside(raw[key].strip(), roots[key], where, key) for key in IMAGE_FIELDS}
-        if check_images:
-            for key, image in images.items():
-                _check_image(image, where, key, checked)
+        values, images = _fields(raw, where, MMEDIT_KEYS, IMAGE_FIELDS, roots, strip, check_images, checked)
         if values["alt"].strip() == values["pred"].strip():
             same_answer.append(index)
-        for key in MMEDIT_KEYS:
-            if key not in IMAGE_FIELDS and not values[key].strip():
-                empty_text.setdefault(key, []).append(index)
+        _note_empty_text(values, MMEDIT_KEYS, IMAGE_FIELDS, index, empty_text)
         records.append(EditRecord(**{**values, **images}, source=f"{path.name}#{index}", index=index))
     _warn_indices(path, same_answer, "have alt == pred, so their edit does not change the answer")
+    _warn_empty_text(path, empty_text)
+    logger.info("%s: read %d records", path, len(records))
+    if heldout_file is not None:
+        held_out = read_heldout(
+            heldout_file, path, num_records, roots["image_rephrase"], roots["m_loc"], strip, check_images, limit
+        )
+        records = [replace(record, held_out=h) for record, h in zip(records, held_out, strict=True)]
+    return records
+
+
+def heldout_path(data_file: str | Path) -> Path:
+    """Where the held-out companion of ``data_file`` lives: ``<dir>/<stem>.heldout.json``.
+
+    Example:
+        >>> heldout_path("data/embedded/vqa_eval.json").as_posix()
+        'data/embedded/vqa_eval.heldout.json'
+    """
+    path = Path(data_file)
+    return path.with_name(path.stem + HELDOUT_SUFFIX)
+
+
+def read_heldout(
+    path: str | Path,
+    main_file: str | Path,
+    num_records: int,
+    rephrase_root: str | Path,
+    m_loc_root: str | Path,
+    strip: bool = True,
+    check_images: bool = True,
+    limit: int | None = None,
+) -> list[HeldOutRecord]:
+    """Read and fully validate a held-out companion file (``<stem>.heldout.json``) of an MMEdit file.
+
+    The companion is a JSON list (or ``.jsonl``) with exactly one object per record of ``main_file``, in the same
+    order, each holding the 7 string keys of :data:`HELDOUT_KEYS`. It is validated as strictly as the main file:
+    every key present and a string, image paths relative and inside their root (``image_rephrase`` under
+    ``rephrase_root``, ``m_loc`` under ``m_loc_root`` — the main file's roots), images readable if
+    ``check_images``; values stripped like the main file's if ``strip``; an empty text value is kept with one
+    warning per field.
+
+    Args:
+        path: the companion file.
+        main_file: the MMEdit file it accompanies (named in the length-mismatch error).
+        num_records: how many records ``main_file`` holds (all of them, before any ``limit``).
+        rephrase_root: root of ``image_rephrase``.
+        m_loc_root: root of ``m_loc``.
+        strip: strip surrounding whitespace and fold embedded line breaks to one space in every value.
+        check_images: check that every image exists and PIL can open it.
+        limit: return (and validate) only the first ``limit`` records.
+
+    Returns:
+        One :class:`HeldOutRecord` per record, in file order.
+
+    Raises:
+        DataFileError: the file is missing, not UTF-8, malformed JSON or not a list, or its length differs from
+            ``num_records``.
+        RecordError: a record is unusable; names the companion file, the record index and the field.
+    """
+    path, main_file = Path(path), Path(main_file)
+    roots = {"image_rephrase": Path(rephrase_root), "m_loc": Path(m_loc_root)}
+    raw_records = _load_raw(path)
+    if len(raw_records) != num_records:
+        raise DataFileError(
+            f"{path}: held-out companion has {len(raw_records)} records but its main file {main_file.name} has "
+            f"{num_records} — it needs exactly one object per main record, in the same order; regenerate it, or "
+            "do not use it (heldout_file: none)"
+        )
+    if limit is not None:
+        raw_records = raw_records[: max(limit, 0)]
+    held_out: list[HeldOutRecord] = []
+    empty_text: dict[str, list[int]] = {}
+    checked: set[Path] = set()
+    for index, raw in enumerate(raw_records):
+        where = f"{path.name} record {index}"
+        validate_heldout_record(raw, where)
+        values, images = _fields(raw, where, HELDOUT_KEYS, HELDOUT_IMAGE_FIELDS, roots, strip, check_images, checked)
+        _note_empty_text(values, HELDOUT_KEYS, HELDOUT_IMAGE_FIELDS, index, empty_text)
+        held_out.append(HeldOutRecord(**{**values, **images}))
+    _warn_empty_text(path, empty_text)
+    logger.info("%s: read %d held-out records", path, len(held_out))
+    return held_out
+
+
+def _warn_empty_text(path: Path, empty_text: dict[str, list[int]]) -> None:
     for key, indices in empty_text.items():
         _warn_indices(path, indices, f"have an empty {key!r}")
-    logger.info("%s: read %d records", path, len(records))
-    return records
 
 
 def _umask() -> int:
@@ -313,6 +457,19 @@ def write_mmedit(path: str | Path, records: Iterable[dict]) -> None:
     records = list(records)
     for index, raw in enumerate(records):
         validate_record(raw, f"{path.name} record {index}")
+    _write_json_atomic(path, records)
+
+
+def write_heldout(path: str | Path, records: Iterable[dict]) -> None:
+    """Validate held-out companion ``records`` (:func:`validate_heldout_record`) and write them atomically."""
+    path = Path(path)
+    records = list(records)
+    for index, raw in enumerate(records):
+        validate_heldout_record(raw, f"{path.name} record {index}")
+    _write_json_atomic(path, records)
+
+
+def _write_json_atomic(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

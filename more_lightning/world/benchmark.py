@@ -8,6 +8,9 @@ Layout under ``--out`` (image paths in records are relative to their root)::
     images/<task>_<split>/00000.png          image (canonical render)
     images/<task>_<split>/00000_mloc.png     m_loc (an unrelated scene)
     images_rephrase/<task>_<split>/00000.png image_rephrase (the same scene, jittered)
+    <file>.heldout.json                      held-out variants per record, which no loss ever sees:
+    images_rephrase/<task>_<split>/00000_held.png   another re-render of the scene
+    images/<task>_<split>/00000_mloc_held.png       another unrelated scene
     mme/<category>/images/0000.png + mme/<category>/questions_answers_YN/0000.txt
     truth/<file>.json                        ground truth per record (question type, answer, caption)
 
@@ -15,6 +18,9 @@ Layout under ``--out`` (image paths in records are relative to their root)::
 a different answer of the same type, never equal to ``pred`` nor to the ground truth. ``loc`` is
 a knowledge-base question, ``m_loc_q`` a question about an unrelated scene with its true answer.
 Every record and every image is a pure function of ``--seed`` and its index: same seed ⇒ same bytes.
+The held-out variants draw from their own random stream, so the records themselves are exactly those
+of a benchmark written without companions. ``--stats`` prints the fidelity figures of every file
+beside real E-VQA / E-IC (:mod:`more_lightning.world.stats`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from more_lightning.data.schema import write_mmedit
+from more_lightning.data.schema import heldout_path, write_heldout, write_mmedit
 from more_lightning.world.knowledge import Fact, build_knowledge
 from more_lightning.world.questions import (
     ANSWERS,
@@ -43,6 +49,7 @@ from more_lightning.world.questions import (
     make_yes_no,
 )
 from more_lightning.world.scenes import Scene, render, sample_scene
+from more_lightning.world.stats import fidelity, format_table
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ class Draft:
     scene: Scene
     m_scene: Scene
     rng: random.Random
+    held_out: dict[str, str]
+    held_m_scene: Scene
 
 
 def _vqa_question(rng: random.Random, qtype: str) -> tuple[Scene, VqaItem]:
@@ -77,10 +86,12 @@ def _draft(task: str, split: str, i: int, seed: int, facts: list[Fact]) -> Draft
     if task == "vqa":
         scene, item = _vqa_question(rng, QTYPES[i % len(QTYPES)])
         src, rephrase, truth = item.question, item.rephrase, {"qtype": item.qtype, "answer": item.answer}
+        held_rephrase = item.held_out_rephrase
     else:
         scene = sample_scene(rng)
         src, rephrase = rng.sample(CAPTION_PROMPTS, 2)
         truth = {"caption": caption(scene)}
+        held_rephrase = ""
     fact = rng.choice(facts)
     m_scene, m_item = _vqa_question(rng, rng.choice(QTYPES))
     truth["m_loc_type"] = m_item.qtype
@@ -97,7 +108,34 @@ def _draft(task: str, split: str, i: int, seed: int, facts: list[Fact]) -> Draft
         "m_loc_q": m_item.question,
         "m_loc_a": m_item.answer,
     }
-    return Draft(record, truth, scene, m_scene, rng)
+    held_out, held_m_scene = _held_out(task, folder, i, seed, facts, record, held_rephrase)
+    return Draft(record, truth, scene, m_scene, rng, held_out, held_m_scene)
+
+
+def _held_out(
+    task: str, folder: str, i: int, seed: int, facts: list[Fact], record: dict[str, str], rephrase: str
+) -> tuple[dict[str, str], Scene]:
+    """The record's held-out variants (its companion entry) and the scene of their unrelated image.
+
+    A third phrasing (VQA: the template neither ``src`` nor ``rephrase`` uses; captions: a prompt
+    neither uses), another knowledge question (another fact, so not a paraphrase of ``loc``), and
+    another unrelated scene and question. Drawn from the record's own second stream.
+    """
+    rng = random.Random(f"{seed}-{task}-{folder}-{i}-held-out")
+    if task != "vqa":
+        rephrase = rng.choice([p for p in CAPTION_PROMPTS if p not in (record["src"], record["rephrase"])])
+    fact = rng.choice([f for f in facts if all(f.question(k) != record["loc"] for k in range(3))])
+    m_scene, m_item = _vqa_question(rng, rng.choice(QTYPES))
+    held_out = {
+        "rephrase": rephrase,
+        "image_rephrase": f"{folder}/{i:05d}_held.png",
+        "loc": fact.question(rng.randrange(3)),
+        "loc_ans": fact.answer,
+        "m_loc": f"{folder}/{i:05d}_mloc_held.png",
+        "m_loc_q": m_item.question,
+        "m_loc_a": m_item.answer,
+    }
+    return held_out, m_scene
 
 
 def _truth(draft: Draft) -> str:
@@ -141,8 +179,13 @@ def write_split(
         rephrased = render(draft.scene, jitter=True, seed=draft.rng.randrange(2**31))
         rephrased.save(out / REPHRASE_ROOT / rec["image_rephrase"])
         render(draft.m_scene).save(out / IMAGE_ROOT / rec["m_loc"])
+        held = draft.held_out
+        held_seed = random.Random(held["image_rephrase"]).randrange(2**31)  # not from draft.rng: records unchanged
+        render(draft.scene, jitter=True, seed=held_seed).save(out / REPHRASE_ROOT / held["image_rephrase"])
+        render(draft.held_m_scene).save(out / IMAGE_ROOT / held["m_loc"])
     name = FILES[(task, split)]
     write_mmedit(out / f"{name}.json", [d.record for d in drafts])
+    write_heldout(heldout_path(out / f"{name}.json"), [d.held_out for d in drafts])
     (out / "truth").mkdir(exist_ok=True)
     (out / "truth" / f"{name}.json").write_text(json.dumps([d.truth for d in drafts], indent=1) + "\n")
     return [d.record for d in drafts]
@@ -222,17 +265,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mme-images", type=int, default=100, help="images per MME category (2 questions each)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for --model (1: see ENVIRONMENT)")
     parser.add_argument("--if-missing", action="store_true", help="do nothing when the four files and mme/ exist")
+    parser.add_argument("--stats", action="store_true", help="print every file's fidelity figures beside real ones")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
     if args.if_missing and all((out / f"{n}.json").is_file() for n in FILES.values()) and (out / "mme").is_dir():
         log.info("%s already holds the benchmark; remove it to regenerate", out)
+        if args.stats:
+            log.info("%s", fidelity_report(out))
         return
     start = time.perf_counter()
     sizes = build_benchmark(
         args.out, args.model, args.seed, args.num_train, args.num_eval, args.mme_images, threads=args.threads
     )
     log.info("wrote %s to %s in %.1f s", sizes, args.out, time.perf_counter() - start)
+    if args.stats:
+        log.info("%s", fidelity_report(out))
+
+
+def fidelity_report(out: Path) -> str:
+    """The ``--stats`` table: :func:`~more_lightning.world.stats.fidelity` of every file beside the real ones."""
+    rows = {}
+    for name in FILES.values():
+        records = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+        rows[f"{name}.json"] = fidelity(records)
+    return "\n" + format_table(rows)
 
 
 if __name__ == "__main__":

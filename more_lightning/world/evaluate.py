@@ -3,7 +3,8 @@
 ``python -m more_lightning.world.evaluate --model models/tiny_llava --data data/embedded [--split train]``
 
 Prints VQA accuracy per question type (exact match of the greedy answer), on the text and image
-rephrases, caption token accuracy (teacher forced) and exact match, knowledge-base accuracy
+rephrases and, where the benchmark wrote a held-out companion, on its held-out rephrase and
+re-render; caption token accuracy (teacher forced) and exact match, knowledge-base accuracy
 (``loc``), multimodal-locality accuracy (``m_loc``), MME-like acc / acc+ per category, and how many
 records have ``alt == pred`` (must be 0). Ground truth comes from the ``truth/`` files the
 benchmark writes beside the MMEdit files. ``--split train`` reports the same figures on the train
@@ -26,6 +27,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from more_lightning.backbones.llava import LlavaBackbone
+from more_lightning.data.schema import heldout_path
 from more_lightning.world.pretrain import IGNORE, Encoder, pixel_values
 
 log = logging.getLogger(__name__)
@@ -144,11 +146,18 @@ def evaluate(model_dir: str, data_dir: str, threads: int = 1, split: str = "eval
     records, truth = _load_split(data, f"vqa_{split}")
     images = [_image(data, "images", r["image"]) for r in records]
     rephrased = [_image(data, "images_rephrase", r["image_rephrase"]) for r in records]
-    for name, prompts in {
+    queries = {
         "vqa": [(r["src"], im) for r, im in zip(records, images, strict=True)],
         "vqa_text_rephrase": [(r["rephrase"], im) for r, im in zip(records, images, strict=True)],
         "vqa_image_rephrase": [(r["src"], im) for r, im in zip(records, rephrased, strict=True)],
-    }.items():
+    }
+    companion = heldout_path(data / f"vqa_{split}.json")
+    if companion.is_file():  # the held-out variants: a third template, another re-render
+        held = json.loads(companion.read_text(encoding="utf-8"))
+        held_images = [_image(data, "images_rephrase", h["image_rephrase"]) for h in held]
+        queries["vqa_held_out_rephrase"] = [(h["rephrase"], im) for h, im in zip(held, images, strict=True)]
+        queries["vqa_held_out_image"] = [(r["src"], im) for r, im in zip(records, held_images, strict=True)]
+    for name, prompts in queries.items():
         answers = greedy_answers(model, encoder, prompts)
         by_type: dict[str, list[bool]] = defaultdict(list)
         for a, t in zip(answers, truth, strict=True):

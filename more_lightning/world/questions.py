@@ -1,8 +1,9 @@
 """What the embedded world asks about a scene: VQA questions, captions and yes/no questions.
 
-Every question type has three templates, so a benchmark record can ask with one (``src``) and
-paraphrase with another (``rephrase``). Referents are always unique in their scene (the colour
-question names a shape that occurs once, ...). Answers are words of the scene vocabulary:
+Every question type has three templates, so a benchmark record can ask with one (``src``),
+paraphrase with another (``rephrase``) and keep the third for the held-out paraphrase no loss
+sees. Referents are always unique in their scene (the colour question names a shape that occurs
+once, ...). Answers are words of the scene vocabulary:
 
 ===========  =========================================  ===============================
 type         example                                    answers
@@ -78,12 +79,13 @@ YES_NO_TEMPLATES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class VqaItem:
-    """One VQA question about a scene, asked two ways, and its ground-truth answer."""
+    """One VQA question about a scene, asked three ways, and its ground-truth answer."""
 
     qtype: str
     question: str
     rephrase: str
     answer: str
+    held_out_rephrase: str = ""
 
 
 def _unique(scene: Scene, key) -> list[SceneObject]:
@@ -103,7 +105,9 @@ def make_vqa(scene: Scene, qtype: str, rng: random.Random) -> VqaItem | None:
         fields = {"shape": obj.shape, "colour": obj.colour}
         answer = {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "position": obj.position}[qtype]
     first, second = rng.sample(range(len(TEMPLATES[qtype])), 2)
-    return VqaItem(qtype, TEMPLATES[qtype][first].format(**fields), TEMPLATES[qtype][second].format(**fields), answer)
+    third = next(k for k in range(len(TEMPLATES[qtype])) if k not in (first, second))  # no extra draw
+    question, rephrase, held_out = (TEMPLATES[qtype][k].format(**fields) for k in (first, second, third))
+    return VqaItem(qtype, question, rephrase, answer, held_out)
 
 
 def caption(scene: Scene) -> str:

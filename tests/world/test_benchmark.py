@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from more_lightning.data.mme import read_mme
-from more_lightning.data.records import MMEDIT_KEYS
-from more_lightning.data.schema import read_mmedit, validate_record
-from more_lightning.world.benchmark import FILES, build_benchmark
+from more_lightning.data.records import HELDOUT_KEYS, MMEDIT_KEYS
+from more_lightning.data.schema import heldout_path, read_mmedit, validate_record
+from more_lightning.world.benchmark import FILES, build_benchmark, fidelity_report, main
 
 
 def _build(root: Path, **kwargs) -> dict[str, int]:
@@ -49,6 +49,35 @@ def test_without_a_model_pred_is_the_truth(bench):
     truth = json.loads((bench / "truth" / "vqa_eval.json").read_text())
     assert [r["pred"] for r in records] == [t["answer"] for t in truth]
     assert {t["qtype"] for t in truth} == {"colour", "shape", "size", "count", "position"}
+
+
+def test_companion_holds_other_variants_than_the_record(bench):
+    for name in FILES.values():
+        raw = json.loads((bench / f"{name}.json").read_text())
+        held = json.loads(heldout_path(bench / f"{name}.json").read_text())
+        assert len(held) == len(raw)
+        for record, variant in zip(raw, held, strict=True):
+            assert tuple(variant) == HELDOUT_KEYS
+            assert variant["rephrase"] not in (record["src"], record["rephrase"])
+            assert variant["loc"] != record["loc"] and variant["m_loc"] != record["m_loc"]
+            held_image = (bench / "images_rephrase" / variant["image_rephrase"]).read_bytes()
+            assert held_image != (bench / "images_rephrase" / record["image_rephrase"]).read_bytes()
+        records = read_mmedit(
+            bench / f"{name}.json",
+            bench / "images",
+            bench / "images_rephrase",
+            heldout_file=heldout_path(bench / f"{name}.json"),
+        )
+        assert all(r.held_out is not None and r.held_out.m_loc.is_file() for r in records)
+
+
+def test_stats_report_every_file_beside_the_real_ones(bench, caplog):
+    report = fidelity_report(bench)
+    assert all(f"{name}.json" in report for name in FILES.values())
+    assert "E-VQA (real)" in report and "distinct questions per 100" in report
+    caplog.set_level("INFO")
+    main(["--out", str(bench), "--if-missing", "--stats"])
+    assert "textual twins per 100" in caplog.text
 
 
 def test_mme_suite_has_one_yes_and_one_no_per_image(bench):

@@ -14,7 +14,7 @@ def test_vqa_answers_on_a_known_scene():
     assert answers["count"].answer == "two"
     item = answers["position"]
     assert item.answer == ("top left" if "red circle" in item.question else "center")
-    assert item.question != item.rephrase
+    assert len({item.question, item.rephrase, item.held_out_rephrase}) == 3
 
 
 def test_vqa_answers_are_in_their_vocabulary():
