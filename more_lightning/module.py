@@ -78,10 +78,15 @@ HELD_OUT_KEYS = ("t_gen", "m_gen", "t_loc", "m_loc")  # scored on held-out varia
 
 @dataclass
 class Reference:
-    """Pre-edit (θ_{t-1}) log-probabilities at a locality query's answer positions."""
+    """Pre-edit (θ_{t-1}) log-probabilities at a locality query's answer positions only.
 
-    logp: Tensor  # (1, T-1, V), float32 on the model's device
-    mask: Tensor  # (1, T-1) bool
+    Kept for every edit until the retention pass, so its size must not grow with the sequence: n
+    answer positions × V floats (LLaVA-1.5, a 2-token answer: 2 × 32,064 × 4 B ≈ 0.26 MB per query),
+    not the (T-1) × V of the whole sequence (≈ 620 × 32,064 × 4 B ≈ 80 MB).
+    """
+
+    logp: Tensor  # (n, V) float32: the rows of the answer positions, in sequence order
+    mask: Tensor  # (1, T-1) bool: where those rows sit in the query
 
 
 def _nll(logits: Tensor, labels: Tensor) -> Tensor:
@@ -92,7 +97,7 @@ def _nll(logits: Tensor, labels: Tensor) -> Tensor:
 def _kl(logits: Tensor, ref: Reference) -> Tensor:
     """Mean over answer positions of KL(p_θ ‖ p_{t-1})."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)[ref.mask]  # (n, V)
-    return (logp.exp() * (logp - ref.logp[ref.mask])).sum(-1).mean()
+    return (logp.exp() * (logp - ref.logp)).sum(-1).mean()
 
 
 def _to_cpu(refs: dict[str, Reference]) -> dict[str, Reference]:
@@ -216,7 +221,8 @@ class OnlineEditModule(LightningModule):
         refs = {}
         for name in (k for k in LOC_KEYS if k in inputs):
             logits, labels = shift_for_loss(self.logits(inputs[name]), inputs[name].labels)
-            refs[name] = Reference(F.log_softmax(logits.float(), dim=-1), labels != -100)
+            mask = labels != -100  # (1, T-1)
+            refs[name] = Reference(F.log_softmax(logits.float(), dim=-1)[mask], mask)  # (n, V)
         return refs
 
     def edit_loss(self, inputs: dict[str, ModelInputs], refs: dict[str, Reference], capture: bool) -> Tensor:
@@ -312,8 +318,9 @@ class OnlineEditModule(LightningModule):
                 scores[f"{key}_em"] = 100 * float(exact_match(logits, labels)[0])
             else:
                 ref = refs[name]
-                logp = F.log_softmax(logits.float(), dim=-1)
-                ref_logp, mask = ref.logp.to(logp.device), ref.mask.to(logp.device)
+                logp = F.log_softmax(logits.float(), dim=-1)[ref.mask.to(logits.device)][None]  # (1, n, V)
+                ref_logp = ref.logp.to(logp.device)[None]  # (1, n, V)
+                mask = torch.ones(logp.shape[:2], dtype=torch.bool, device=logp.device)  # (1, n)
                 metrics[key].update(logp, ref_logp, mask)
                 metrics[f"{key}_agree"].update(logp, ref_logp, mask)
                 scores[key] = 100 * float(locality_score(logp, ref_logp, mask)[0])

@@ -203,3 +203,18 @@ def test_single_edits_apply_every_edit_to_the_unedited_model(tiny_llava_dir, mak
     fresh.training_step(stream[2], 0)
     inputs = fresh.encode(stream[2])
     assert _target_logprob(single, inputs["edit"]) == pytest.approx(_target_logprob(fresh, inputs["edit"]), abs=1e-4)
+
+
+def test_retention_keeps_only_the_answer_positions_of_each_reference(tiny_llava_dir, monkeypatch):
+    """What the retention pass keeps per edit: n answer rows × V, never the (T-1) × V of the sequence."""
+    module, _ = _manual_module(tiny_llava_dir, MORE(r=16, alpha=32, eta=1.0, lam=1.0), monkeypatch)
+    stream = _stream().stream
+    for i in range(2):
+        module.training_step(stream[i], i)
+    vocab = module.model.config.text_config.vocab_size
+    for index, refs in module._references.items():
+        inputs = module.encode(stream[index])
+        for name, ref in refs.items():
+            answer_rows = int((inputs[name].labels[:, 1:] != -100).sum())
+            assert ref.logp.shape == (answer_rows, vocab) and ref.mask.sum() == answer_rows
+            assert answer_rows < inputs[name].labels.shape[1] - 1  # fewer rows than the sequence
