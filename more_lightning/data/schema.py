@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 IMAGE_FIELDS: tuple[str, ...] = ("image", "image_rephrase", "m_loc")
 #: Text fields that must be non-empty: without them there is no edit to make.
 REQUIRED_TEXT_FIELDS: tuple[str, ...] = ("src", "alt")
+#: Locality fields that must not be empty: an empty answer would be scored on a lone " " token (T-Loc 100).
+REQUIRED_LOCALITY_FIELDS: tuple[str, ...] = ("loc_ans", "m_loc_q", "m_loc_a")
 #: Image fields of a held-out companion record (relative to the main file's rephrase / ``m_loc`` roots).
 HELDOUT_IMAGE_FIELDS: tuple[str, ...] = ("image_rephrase", "m_loc")
 #: What replaces ``.json`` / ``.jsonl`` in a main file's name to name its held-out companion.
@@ -111,8 +113,20 @@ def validate_record(raw: dict, where: str) -> None:
         if not raw[key].strip():
             what = "empty target" if key == "alt" else "empty prompt"
             raise RecordError(where, key, what, f"every record needs a non-empty {key!r}")
+    _check_locality_text(raw, where)
     for key in IMAGE_FIELDS:
         _check_relative(raw[key].strip(), where, key)
+
+
+def _check_locality_text(raw: dict, where: str) -> None:
+    for key in REQUIRED_LOCALITY_FIELDS:
+        if not raw[key].strip():
+            raise RecordError(
+                where,
+                key,
+                "empty locality " + ("question" if key == "m_loc_q" else "answer"),
+                f"locality would be scored on nothing; fill {key!r} or remove the record",
+            )
 
 
 def validate_heldout_record(raw: dict, where: str) -> None:
@@ -125,6 +139,7 @@ def validate_heldout_record(raw: dict, where: str) -> None:
         RecordError: naming ``where`` and the first offending field.
     """
     _check_string_fields(raw, where, HELDOUT_KEYS, "the 7 held-out keys")
+    _check_locality_text(raw, where)
     for key in HELDOUT_IMAGE_FIELDS:
         _check_relative(raw[key].strip(), where, key)
 
@@ -212,10 +227,10 @@ def _check_image(path: Path, where: str, field: str, seen: set[Path]) -> None:
         return
     if not path.is_file():
         raise RecordError(where, field, f"image file not found: {path}", "check the image root setting")
-    try:
+    try:  # a full decode: verify() alone passes truncated JPEGs, which then fail mid-stream
         with Image.open(path) as image:
-            image.verify()
-    except (OSError, SyntaxError, ValueError) as exc:
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise RecordError(
             where, field, f"unreadable image {path} ({exc})", "replace the file with a valid JPEG/PNG"
         ) from exc

@@ -269,3 +269,30 @@ def test_validate_record_alone() -> None:
     validate_record(raw, "gen.json record 0")
     with pytest.raises(RecordError, match=r"gen\.json record 0, field 'image': absolute image path"):
         validate_record({**raw, "image": "/abs/a.jpg"}, "gen.json record 0")
+
+
+@pytest.mark.parametrize("field", ["loc_ans", "m_loc_q", "m_loc_a"])
+def test_empty_locality_text_refused(data: Path, field: str) -> None:
+    path = _broken(data, 1, **{field: " "})
+    with pytest.raises(
+        RecordError, match=rf"vqa_eval\.json record 1, field '{field}': empty locality .*fill '{field}'"
+    ):
+        _read(path, data)
+
+
+def test_truncated_jpeg_is_refused_at_set_up(data: Path) -> None:
+    """Half a JPEG: its header opens and passes PIL's verify(); only a full decode finds the cut."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.RandomState(0).rand(128, 128, 3) * 255).astype("uint8")).save(buffer, format="JPEG")
+    whole = buffer.getvalue()
+    (data / "coco" / "val2014" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    with Image.open(data / "coco" / "val2014" / "truncated.jpg") as image:
+        image.verify()  # the header check alone would accept it
+    path = _broken(data, 3, image="val2014/truncated.jpg")
+    with pytest.raises(RecordError, match=r"vqa_eval\.json record 3, field 'image': unreadable image .*truncated\.jpg"):
+        _read(path, data)
