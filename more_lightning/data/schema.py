@@ -97,9 +97,10 @@ def _json_type(value: Any) -> str:
 def validate_record(raw: dict, where: str) -> None:
     """Check one raw MMEdit record without touching the file system.
 
-    Checks: ``raw`` is a dict; all 11 keys are present and hold strings; ``src`` and ``alt`` are non-empty
-    after stripping; image fields are non-empty relative paths. Whether an image path stays inside its root
-    and opens is checked by :func:`read_mmedit`, which knows the roots.
+    Checks: ``raw`` is a dict; all 11 keys are present and hold strings; ``src``, ``alt``, ``loc_ans``,
+    ``m_loc_q`` and ``m_loc_a`` are non-empty after stripping; image fields are non-empty relative paths.
+    Whether an image path stays inside its root and decodes is checked by :func:`read_mmedit`, which knows
+    the roots.
 
     Args:
         raw: the record as parsed from JSON.
@@ -132,8 +133,8 @@ def _check_locality_text(raw: dict, where: str) -> None:
 def validate_heldout_record(raw: dict, where: str) -> None:
     """Check one raw held-out companion record (the 7 :data:`HELDOUT_KEYS`) without touching the file system.
 
-    Same checks as :func:`validate_record`: a dict, every key present and a string, image fields non-empty
-    relative paths.
+    Same checks as :func:`validate_record`: a dict, every key present and a string, non-empty locality
+    answers and question, image fields non-empty relative paths.
 
     Raises:
         RecordError: naming ``where`` and the first offending field.
@@ -331,8 +332,8 @@ def read_mmedit(
         rephrase_root: root that ``image_rephrase`` is relative to (holds ``val2014_image_rephrase/``).
         m_loc_root: root that ``m_loc`` is relative to; default ``image_root``.
         strip: strip surrounding whitespace and fold embedded line breaks to one space in every value.
-        check_images: check that every image exists and PIL can open it (``verify``; decoding is left to
-            :func:`load_image`).
+        check_images: check that every image exists and decodes fully (a truncated file is an error here,
+            before any edit, not mid-stream).
         limit: read only the first ``limit`` records (and validate only those).
         heldout_file: a held-out companion (see :func:`read_heldout`; usually :func:`heldout_path` of ``path``)
             to validate and attach as each record's ``held_out``; ``None``: no held-out variants.
@@ -402,8 +403,8 @@ def read_heldout(
     order, each holding the 7 string keys of :data:`HELDOUT_KEYS`. It is validated as strictly as the main file:
     every key present and a string, image paths relative and inside their root (``image_rephrase`` under
     ``rephrase_root``, ``m_loc`` under ``m_loc_root`` — the main file's roots), images readable if
-    ``check_images``; values stripped like the main file's if ``strip``; an empty text value is kept with one
-    warning per field.
+    ``check_images``; values stripped like the main file's if ``strip``; empty locality answers or question
+    are errors, another empty text value is kept with one warning per field.
 
     Args:
         path: the companion file.
@@ -412,7 +413,7 @@ def read_heldout(
         rephrase_root: root of ``image_rephrase``.
         m_loc_root: root of ``m_loc``.
         strip: strip surrounding whitespace and fold embedded line breaks to one space in every value.
-        check_images: check that every image exists and PIL can open it.
+        check_images: check that every image exists and decodes fully.
         limit: return (and validate) only the first ``limit`` records.
 
     Returns:

@@ -70,6 +70,7 @@ class Draft:
     rng: random.Random
     held_out: dict[str, str]
     held_m_scene: Scene
+    held_jitter: int  # seed of the held-out re-render, from the record's own second stream
 
 
 def _vqa_question(rng: random.Random, qtype: str) -> tuple[Scene, VqaItem]:
@@ -108,14 +109,15 @@ def _draft(task: str, split: str, i: int, seed: int, facts: list[Fact]) -> Draft
         "m_loc_q": m_item.question,
         "m_loc_a": m_item.answer,
     }
-    held_out, held_m_scene = _held_out(task, folder, i, seed, facts, record, held_rephrase)
-    return Draft(record, truth, scene, m_scene, rng, held_out, held_m_scene)
+    held_out, held_m_scene, held_jitter = _held_out(task, folder, i, seed, facts, record, held_rephrase)
+    return Draft(record, truth, scene, m_scene, rng, held_out, held_m_scene, held_jitter)
 
 
 def _held_out(
     task: str, folder: str, i: int, seed: int, facts: list[Fact], record: dict[str, str], rephrase: str
-) -> tuple[dict[str, str], Scene]:
-    """The record's held-out variants (its companion entry) and the scene of their unrelated image.
+) -> tuple[dict[str, str], Scene, int]:
+    """The record's held-out variants (its companion entry), the scene of their unrelated image and the
+    jitter seed of their re-render.
 
     A third phrasing (VQA: the template neither ``src`` nor ``rephrase`` uses; captions: a prompt
     neither uses), another knowledge question (another fact, so not a paraphrase of ``loc``), and
@@ -135,7 +137,7 @@ def _held_out(
         "m_loc_q": m_item.question,
         "m_loc_a": m_item.answer,
     }
-    return held_out, m_scene
+    return held_out, m_scene, rng.randrange(2**31)
 
 
 def _truth(draft: Draft) -> str:
@@ -179,9 +181,8 @@ def write_split(
         rephrased = render(draft.scene, jitter=True, seed=draft.rng.randrange(2**31))
         rephrased.save(out / REPHRASE_ROOT / rec["image_rephrase"])
         render(draft.m_scene).save(out / IMAGE_ROOT / rec["m_loc"])
-        held = draft.held_out
-        held_seed = random.Random(held["image_rephrase"]).randrange(2**31)  # not from draft.rng: records unchanged
-        render(draft.scene, jitter=True, seed=held_seed).save(out / REPHRASE_ROOT / held["image_rephrase"])
+        held = draft.held_out  # drawn from the record's second stream (never draft.rng): records unchanged
+        render(draft.scene, jitter=True, seed=draft.held_jitter).save(out / REPHRASE_ROOT / held["image_rephrase"])
         render(draft.held_m_scene).save(out / IMAGE_ROOT / held["m_loc"])
     name = FILES[(task, split)]
     write_mmedit(out / f"{name}.json", [d.record for d in drafts])

@@ -16,6 +16,7 @@ whitespace-separated words of ``alt`` (``words_per_target`` mean, ``target_words
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 import statistics
 import sys
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from more_lightning.data.schema import DataFileError, read_mmedit
+
+log = logging.getLogger(__name__)
 
 #: The published statistics of the public MMEdit files (the E-VQA and E-IC test splits, 2,093 and 1,000 records):
 #: per 100 randomly drawn edits, mean over 20 draws, as :func:`fidelity` computes them. Set beside ours by
@@ -147,13 +150,14 @@ def _read_texts(path: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the fidelity table of the given files; 2 (with one message naming the file) if one is unusable."""
+    """Log the fidelity table of the given files; 2 (with one message naming the file) if one is unusable."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path, help="MMEdit files (.json list or .jsonl)")
     parser.add_argument("--draws", type=int, default=20, help="random draws to average over")
     parser.add_argument("--per", type=int, default=100, help="records per draw")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.draws < 1 or args.per < 1:
         parser.error("--draws and --per must be at least 1")
     names = [path.name for path in args.files]
@@ -164,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows[name] = fidelity(_read_texts(path), args.draws, args.per, args.seed)
         except DataFileError as exc:  # RecordError is a DataFileError too; every message names the file
-            print(f"error: {exc}", file=sys.stderr)
+            log.error("error: %s", exc)
             return 2
-    print(format_table(rows))
+    log.info("%s", format_table(rows))
     return 0
 
 

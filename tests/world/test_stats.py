@@ -108,23 +108,26 @@ def test_table_has_our_columns_and_the_real_ones():
     assert set(REAL_FIGURES) == {"E-VQA", "E-IC"}
 
 
-def test_cli_prints_the_table(tmp_path, capsys):
+def test_cli_reports_the_table(tmp_path, caplog):
+    caplog.set_level("INFO")
     path = tmp_path / "vqa_eval.json"
     write_mmedit(path, [_rec("q1", "a", "x"), _rec("q1", "a", "y")])
     assert main([str(path)]) == 0
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "| figure | vqa_eval.json | E-VQA (real) | E-IC (real) |" in out
     assert "| textual twins per 100 | 2.0 | 0.2 | 1.2 |" in out
 
 
-def test_cli_missing_file_and_bad_record_name_the_file(tmp_path, capsys):
+def test_cli_missing_file_and_bad_record_name_the_file(tmp_path, caplog):
     missing = tmp_path / "nope.json"
     assert main([str(missing)]) == 2
-    assert f"{missing}: file not found" in capsys.readouterr().err
+    assert f"{missing}: file not found" in caplog.text
+    caplog.clear()
     bad = tmp_path / "bad.json"
     bad.write_text('[{"src": "q"}]')
     assert main([str(bad)]) == 2
-    assert "bad.json record 0" in capsys.readouterr().err
+    assert "bad.json record 0" in caplog.text
+    assert all(r.levelname == "ERROR" for r in caplog.records)
 
 
 def test_cli_malformed_json_exits_2_without_traceback(tmp_path):
