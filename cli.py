@@ -3,11 +3,17 @@
 A thin LightningCLI: the model and data classes come from the config's ``class_path`` (edit
 streams, the embedded world's pretraining, ...); ``--print_config`` shows every setting and
 dotted overrides such as ``--data.num_edits 10`` change one.
+
+``--ckpt_path last`` continues the newest run of the config's logger (``<save_dir>/<name>/version_*``)
+from its ``checkpoints/last.ckpt``, in that run's folder; a path to a checkpoint continues from it.
+A user error (bad file, bad record, a stream that cannot go on) ends with one message, not a traceback.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,9 +22,47 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from lightning.pytorch.cli import LightningCLI
 
+from more_lightning.data.schema import DataFileError
+from more_lightning.module import StreamError
+
+
+class EditCLI(LightningCLI):
+    """LightningCLI that resolves ``--ckpt_path last`` to a run folder and resumes in it."""
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        logger = self.trainer.logger
+        root = Path(logger.root_dir) if logger is not None and getattr(logger, "root_dir", None) else None
+        path = find_last_checkpoint(root) if ckpt_path == "last" else Path(ckpt_path)
+        if not path.is_file():
+            raise StreamError(f"checkpoint {path} not found — pass a run's checkpoints/last.ckpt or `last`")
+        run_dir = path.parent.parent
+        if root is not None and run_dir.parent.resolve() == root.resolve() and hasattr(logger, "_version"):
+            logger._version = run_dir.name  # log on into the run's own folder (TensorBoard / CSV loggers)
+        config["ckpt_path"] = str(path)
+
+
+def find_last_checkpoint(root: Path | None) -> Path:
+    """The most recently written ``<root>/version_*/checkpoints/last.ckpt``.
+
+    Raises:
+        StreamError: there is none (no silent fresh start).
+    """
+    candidates = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if root else []
+    if not candidates:
+        where = f"{root}/*/checkpoints/last.ckpt" if root else "this run (it has no logger folder)"
+        raise StreamError(
+            f"--ckpt_path last: no checkpoint to resume from in {where}. A stream writes one every "
+            "model.init_args.save_every edits; run without --ckpt_path to start a new stream."
+        )
+    return candidates[-1]
+
 
 def main(args: list[str] | None = None) -> LightningCLI:
-    return LightningCLI(
+    return EditCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
@@ -26,5 +70,15 @@ def main(args: list[str] | None = None) -> LightningCLI:
     )
 
 
+def run(args: list[str] | None = None) -> int:
+    """:func:`main`, with user errors reported as one line on stderr and exit status 1."""
+    try:
+        main(args)
+    except (DataFileError, StreamError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -33,18 +33,21 @@ held-out scores. ``metrics.json`` keeps its seen keys and adds
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import random
 import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -54,6 +57,7 @@ from more_lightning.backbones.base import Backbone, ModelInputs, shift_for_loss
 from more_lightning.data.records import EditTuple, Query
 from more_lightning.editors.base import Editor
 from more_lightning.editors.state import apply_edit_state, edit_state_dict, load_edit_state, save_edit_state
+from more_lightning.journal import JOURNAL_NAME, Journal, now, state_sha256
 from more_lightning.keys import KeyCapture
 from more_lightning.metrics import (
     EDIT_SCORE_KEYS,
@@ -111,6 +115,61 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class StreamError(RuntimeError):
+    """An edit stream cannot go on (or start) as asked; the message says why and what to do."""
+
+
+#: Which record fields each query is built from, to name them when a query cannot be encoded.
+QUERY_FIELDS = {
+    "edit": "src, alt, image",
+    "t_gen": "rephrase, alt, image",
+    "m_gen": "src, alt, image_rephrase",
+    "t_loc": "loc, loc_ans",
+    "m_loc": "m_loc, m_loc_q, m_loc_a",
+}
+
+
+class _StreamGuard(Callback):
+    """Hands any exception that stops the stream to :meth:`OnlineEditModule.stream_failed`."""
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        pl_module.stream_failed(exception)
+
+
+def _metric_states(metrics: torch.nn.ModuleDict) -> dict[str, dict]:
+    return {
+        name: {"state": {k: v.detach().clone() for k, v in m.metric_state.items()}, "updates": m.update_count}
+        for name, m in metrics.items()
+    }
+
+
+def _restore_metric_states(metrics: torch.nn.ModuleDict, saved: dict[str, dict]) -> None:
+    for name, entry in saved.items():
+        metric = metrics[name]
+        for key, value in entry["state"].items():
+            setattr(metric, key, value.clone())
+        metric._update_count = int(entry["updates"])  # torchmetrics keeps the count outside its states
+        metric._computed = None
+
+
+def _references_payload(refs: dict[int, dict[str, Reference]]) -> dict[int, dict[str, dict[str, Tensor]]]:
+    return {i: {k: {"logp": r.logp, "mask": r.mask} for k, r in per.items()} for i, per in refs.items()}
+
+
+def _references_from(payload: dict) -> dict[int, dict[str, Reference]]:
+    return {int(i): {k: Reference(r["logp"], r["mask"]) for k, r in per.items()} for i, per in payload.items()}
+
+
+def _numpy_rng_state() -> list:
+    """numpy's global RNG state as plain values (checkpoints load with ``weights_only``: no arrays)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _stream_sha256(hashes: list[str]) -> str:
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
 class OnlineEditModule(LightningModule):
     """Runs an online edit stream with any editor on any backbone.
 
@@ -121,9 +180,13 @@ class OnlineEditModule(LightningModule):
         loc_weight: weight of the locality KL term in the composite loss.
         gen_weight: weight of the generality NLL terms.
         retention: re-evaluate every edit on the final model after the stream.
-        save_every: write the edit state (``edit_state.safetensors`` in the run folder) every this
-            many edits and at the end of the stream; 0 = only at the end. Writes are atomic.
-        load_edit_state: start from a saved edit state (editor weights and statistics).
+        save_every: every this many edits, and after the last one, write the edit state
+            (``edit_state.safetensors``), a checkpoint to resume from (``checkpoints/last.ckpt``: only what
+            the stream changed, never the frozen backbone) and the editor-state hash into the journal, all in
+            the run folder; 0 = only after the last edit. Writes are atomic.
+        load_edit_state: start from a saved edit state (editor weights and statistics). A stream holding a
+            record that state already holds is refused (it would be written twice); to continue a killed
+            stream use ``--ckpt_path last``.
         single_edits: restore the editor's parameters and statistics after every edit (the
             single-editing protocol, T = 1); no retention pass, since the final model is the
             unedited one.
@@ -171,6 +234,19 @@ class OnlineEditModule(LightningModule):
         self.summary: dict | None = None
         #: the editor's state before the first edit (``single_edits`` only), in edit_state_dict's layout.
         self._initial_state: dict[str, Tensor] = {}
+        #: edits of this stream applied so far, and the hashes of their records (sequential streams).
+        self.edits_done = 0
+        self._applied: list[str] = []
+        #: record hashes held by the loaded edit state (``load_edit_state``).
+        self._prior_records: list[str] = []
+        self._prior_hashes: set[str] = set()
+        self._resume: dict | None = None  # the checkpoint's stream payload, until the stream restarts
+        self._journal: Journal | None = None
+        self._current: EditTuple | None = None  # the edit being applied
+        self._mid_edit = False  # from an edit's first write until its journal line: the state is mid-edit
+        self._pending: dict | None = None  # this edit's journal line, written once the edit is complete
+        self.failure: dict | None = None
+        self.strict_loading = False  # checkpoints hold only what the stream changed, not the frozen backbone
 
     @property
     def last_timing(self) -> dict[str, float]:
@@ -190,26 +266,39 @@ class OnlineEditModule(LightningModule):
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optimizer = self.editor.configure_optimizer()
-        if self.load_edit_state:
-            load_edit_state(self.model, optimizer, self.load_edit_state)
+        if self.load_edit_state and self._resume is None:  # a checkpoint already holds it, and more
+            metadata = load_edit_state(self.model, optimizer, self.load_edit_state)
+            self._prior_records = json.loads(metadata.get("records", "[]"))
+            self._prior_hashes = set(self._prior_records)
+            if int(metadata.get("num_edits", "0")) and not self._prior_records:
+                log.warning(
+                    "%s does not list the records it holds: whether this stream repeats one of them cannot be checked",
+                    self.load_edit_state,
+                )
         if self.single_edits:
             self._initial_state = {k: v.clone() for k, v in edit_state_dict(self.model, optimizer).items()}
         return optimizer
 
     def encode(self, batch: EditTuple) -> dict[str, ModelInputs]:
         """The five seen queries (``edit``, ``t_gen``, ``m_gen``, ``t_loc``, ``m_loc``), encoded."""
-        return self._encode(batch.queries())
+        return self._encode(batch.queries(), batch.source)
 
     def encode_held_out(self, batch: EditTuple) -> dict[str, ModelInputs]:
         """The held-out ``t_gen`` / ``m_gen`` / ``t_loc`` / ``m_loc`` queries, encoded; empty without a companion."""
-        return self._encode(batch.held_out_queries())
+        return self._encode(batch.held_out_queries(), f"{batch.source} (held-out companion)")
 
-    def _encode(self, queries: dict[str, Query]) -> dict[str, ModelInputs]:
+    def _encode(self, queries: dict[str, Query], source: str = "") -> dict[str, ModelInputs]:
         dtype = self.model.dtype
-        return {
-            name: self.backbone.encode(self.processor, q, self.image_token_id).to(self.device, dtype)
-            for name, q in queries.items()
-        }
+        encoded = {}
+        for name, q in queries.items():
+            try:
+                encoded[name] = self.backbone.encode(self.processor, q, self.image_token_id).to(self.device, dtype)
+            except Exception as exc:
+                raise StreamError(
+                    f"{source or 'edit'}, fields {QUERY_FIELDS.get(name, name)}: cannot build the {name} query "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+        return encoded
 
     def logits(self, inputs: ModelInputs) -> Tensor:
         return self.backbone.logits(self.model, inputs)
@@ -241,26 +330,38 @@ class OnlineEditModule(LightningModule):
 
     @override
     def training_step(self, batch: EditTuple, batch_idx: int) -> Tensor:
+        self._current = batch
+        if batch.record_sha256 and batch.record_sha256 in self._prior_hashes:
+            raise self._double_application(batch)
         optimizer = self.optimizers()
         held_inputs = self.encode_held_out(batch)  # scored only: never part of the loss below
         held_refs = self.references(held_inputs)  # from θ_{t-1}, like the seen references
         start = time.perf_counter()
         inputs = self.encode(batch)
         refs = self.references(inputs)
+        self._mid_edit = True
         loss, editor_seconds = self.write(optimizer, inputs, refs)
         edit_seconds = time.perf_counter() - start
         self.timings.append({"edit_seconds": edit_seconds, "editor_seconds": editor_seconds})
         scores = self.evaluate(inputs, refs, self.immediate)
         held = self.evaluate_held_out(held_inputs, held_refs, self.immediate_held_out, rel=scores["rel"])
-        self._references[batch.index] = _to_cpu(refs)
-        if held_inputs:
-            self._held_out_references[batch.index] = _to_cpu(held_refs)
+        if self.retention:  # the retention pass needs them; nothing else does
+            self._references[batch.index] = _to_cpu(refs)
+            if held_inputs:
+                self._held_out_references[batch.index] = _to_cpu(held_refs)
         if self.single_edits:  # back to the state before the first edit
             optimizer.optimizer.state.clear()
             apply_edit_state(self.model, optimizer.optimizer, self._initial_state)
         step = batch.index + 1
-        if self.save_every and step % self.save_every == 0:
-            self.save_edit_state()
+        self._pending = {
+            "edit": step,
+            "record": batch.record,
+            "record_sha256": batch.record_sha256,
+            "loss": float(loss),
+            "scores": scores,
+            **({"held_out_scores": held} if held else {}),
+            "seconds": edit_seconds,
+        }
         self._log_scalars({f"immediate/{k}": v for k, v in scores.items()}, step)
         self._log_scalars({f"held_out/immediate/{k}": v for k, v in held.items()}, step)
         self._log_scalars(
@@ -339,6 +440,207 @@ class OnlineEditModule(LightningModule):
         scores["avg"] = average_score({**scores, "rel": rel})
         return scores
 
+    # --- stream bookkeeping: journal, checkpoints, resume, failures --------------------------------
+    @override
+    def configure_callbacks(self) -> list[Callback]:
+        return [_StreamGuard()]
+
+    def _stream_records(self) -> list[str] | None:
+        """Hashes of every record of this stream, in order (``None`` if the loader does not expose them)."""
+        records = getattr(getattr(self.trainer.train_dataloader, "dataset", None), "records", None)
+        return None if records is None else [r.sha256 for r in records]
+
+    @override
+    def on_train_start(self) -> None:
+        stream = self._stream_records()
+        if self._resume is not None:
+            self._continue_stream(stream)
+        elif stream is not None and self._prior_hashes:
+            for position, sha in enumerate(stream):
+                if sha in self._prior_hashes:
+                    raise self._double_application(self.trainer.train_dataloader.dataset[position])
+        if self.trainer.is_global_zero:
+            self._journal = Journal(self.run_dir() / JOURNAL_NAME)
+            if self._resume is not None:
+                line = {"event": "resume", "after_edit": self.edits_done, "checkpoint": str(self.trainer.ckpt_path)}
+                self._journal.write({**line, "time": now()})
+            else:
+                self._journal.write(self._start_line())
+        self._resume = None
+
+    def _start_line(self) -> dict:
+        dm = self.trainer.datamodule
+        return {
+            "event": "start",
+            "editor": type(self.editor).__name__,
+            "backbone": f"{type(self.backbone).__name__}:{self.backbone.path}",
+            "data_file": str(getattr(dm, "data_file", "")),
+            "num_edits": self.trainer.num_training_batches,
+            "load_edit_state": self.load_edit_state,
+            "single_edits": self.single_edits,
+            "time": now(),
+        }
+
+    def _continue_stream(self, stream: list[str] | None) -> None:
+        saved = self._resume
+        if stream is not None and saved["stream_sha256"] != _stream_sha256(stream):
+            raise StreamError(
+                f"checkpoint {self.trainer.ckpt_path} was written by another stream (its data file, seed, "
+                "num_edits or order differ from this run's): resume with the run's own config, "
+                "e.g. --config <run folder>/config.yaml"
+            )
+        torch.set_rng_state(saved["rng"]["torch"])
+        random.setstate(saved["rng"]["python"])
+        name, keys, pos, has_gauss, cached = saved["rng"]["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        log.info("resuming the stream after edit %d of %d", self.edits_done, self.trainer.num_training_batches)
+
+    def _backbone_name(self) -> str:
+        return f"{type(self.backbone).__name__}:{self.backbone.path}"
+
+    def _double_application(self, batch: EditTuple) -> StreamError:
+        return StreamError(
+            f"{batch.source} (stream position {batch.index + 1}) is already in the loaded edit state "
+            f"{self.load_edit_state} ({len(self._prior_records)} edits): applying this stream would write it "
+            "twice. To continue a killed stream use --ckpt_path last (the run's checkpoints); to edit on top of "
+            "that state, stream records it does not hold."
+        )
+
+    @override
+    def on_train_batch_end(self, outputs, batch: EditTuple, batch_idx: int) -> None:
+        done = self.edits_done + 1
+        save = done == self.trainer.num_training_batches or (self.save_every and done % self.save_every == 0)
+        entry, self._pending = self._pending or {}, None
+        if save or batch.expected_state_sha256:
+            entry["state_sha256"] = state_sha256(edit_state_dict(self.model, self.optimizers().optimizer))
+            if batch.expected_state_sha256 and entry["state_sha256"] != batch.expected_state_sha256:
+                raise StreamError(
+                    f"replay diverged at edit {done} ({batch.source}): the editor state hashes to "
+                    f"{entry['state_sha256'][:16]}, the journal recorded {batch.expected_state_sha256[:16]} — "
+                    "replay with the run's own config (<run folder>/config.yaml) on the same base model"
+                )
+        if self._journal is not None:
+            self._journal.write(entry)
+        self.edits_done = done
+        if not self.single_edits:
+            self._applied.append(batch.record_sha256)
+        self._mid_edit = False
+        if save:
+            self.save_edit_state()
+            self.save_stream_checkpoint()
+        self._current = None
+
+    def checkpoint_path(self) -> Path:
+        return self.run_dir() / "checkpoints" / "last.ckpt"
+
+    def save_stream_checkpoint(self) -> Path | None:
+        """``checkpoints/last.ckpt`` in the run folder: what ``--ckpt_path last`` resumes from."""
+        if self.trainer is None:
+            return None
+        path = self.checkpoint_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.trainer.save_checkpoint(path)  # written to a temporary file and moved into place
+        return path
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        stream = self._stream_records() or []
+        checkpoint["edit_stream"] = {
+            "edits_done": self.edits_done,
+            "applied_records": list(self._applied),
+            "prior_records": list(self._prior_records),
+            "stream_sha256": _stream_sha256(stream),
+            "editor": type(self.editor).__name__,
+            "backbone": self._backbone_name(),
+            "metrics": {
+                name: _metric_states(getattr(self, name))
+                for name in ("immediate", "retained", "immediate_held_out", "retained_held_out")
+            },
+            "references": _references_payload(self._references),
+            "held_out_references": _references_payload(self._held_out_references),
+            "timings": list(self.timings),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": _numpy_rng_state(),
+            },
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("edit_stream")
+        if saved is None:
+            raise StreamError("the checkpoint holds no edit stream: resume from a run's checkpoints/last.ckpt")
+        mine = {"editor": type(self.editor).__name__, "backbone": self._backbone_name()}
+        for key, value in mine.items():
+            if saved[key] != value:
+                raise StreamError(
+                    f"the checkpoint was written with {key} {saved[key]}, this run has {value}: resume with the "
+                    "run's own config (<run folder>/config.yaml)"
+                )
+        self.edits_done = int(saved["edits_done"])
+        self._applied = list(saved["applied_records"])
+        self._prior_records = list(saved["prior_records"])
+        self._prior_hashes = set(self._prior_records)
+        for name, states in saved["metrics"].items():
+            _restore_metric_states(getattr(self, name), states)
+        self._references = _references_from(saved["references"])
+        self._held_out_references = _references_from(saved["held_out_references"])
+        self.timings = list(saved["timings"])
+        self._resume = saved
+
+    def stream_failed(self, exception: BaseException) -> None:
+        """Save what the edits done so far produced, tell where the stream stopped and how to go on.
+
+        The checkpoint and edit state are written only when the failure came between two edits; when it
+        came in the middle of a write, the last periodic checkpoint is the one to resume from.
+        """
+        if self.trainer is None or not self.trainer.is_global_zero:
+            return
+        if self._journal is None and not self.edits_done:
+            return  # the stream never started: nothing to save, the error says it all
+        batch = self._current
+        where = batch.source if batch is not None else "the next record"
+        failed_at = self.edits_done + 1
+        self.failure = {"edit": failed_at, "record": where, "error": f"{type(exception).__name__}: {exception}"}
+        saved = []
+        if not self._mid_edit and self.edits_done:
+            saved += [str(self.save_edit_state()), str(self.save_stream_checkpoint())]
+        if self._journal is not None:
+            self._journal.write({"event": "failed", **self.failure, "time": now()})
+            self._journal.close()
+            saved.append(str(self._journal.path))
+        self.summary = self._summary()
+        self._write_summary()
+        saved.append(str(self.run_dir() / "metrics.json"))
+        resume = self.checkpoint_path()
+        how = (
+            f"python cli.py fit --config {self.run_dir() / 'config.yaml'} --ckpt_path last"
+            if resume.is_file()
+            else "no checkpoint yet: run the stream again"
+        )
+        log.error(
+            "edit stream stopped at edit %d of %d (%s)%s: %s\nsaved: %s\nto go on after the last checkpoint "
+            "(edit %s): %s",
+            failed_at,
+            len(self.trainer.train_dataloader),
+            where,
+            ", in the middle of the edit" if self._mid_edit else "",
+            self.failure["error"],
+            ", ".join(saved),
+            self._checkpoint_edits(resume),
+            how,
+        )
+
+    @staticmethod
+    def _checkpoint_edits(path: Path) -> str:
+        if not path.is_file():
+            return "none"
+        saved = torch.load(path, map_location="cpu", weights_only=False)  # written by this run
+        return str(saved["edit_stream"]["edits_done"])
+
     # --- after the stream ------------------------------------------------------------------------
     @override
     def on_train_epoch_end(self) -> None:
@@ -351,12 +653,16 @@ class OnlineEditModule(LightningModule):
                     self.evaluate(self.encode_held_out(item), self._held_out_references[index], self.retained_held_out)
         self.save_edit_state()
         self.summary = self._summary()
-        step = len(self._references)
+        step = len(self.timings)
         held_out = self.summary.get("held_out", {})
         for phase in ("immediate", "retention"):
             self._log_scalars({f"final_{phase}/{k}": v for k, v in self.summary[phase].items()}, step)
             self._log_scalars({f"held_out/final_{phase}/{k}": v for k, v in held_out.get(phase, {}).items()}, step)
         self._write_summary()
+        if self._journal is not None:
+            self._journal.write({"event": "end", "edits": self.edits_done, "time": now()})
+            self._journal.close()
+            self._journal = None
 
     @staticmethod
     def _totals(metrics: torch.nn.ModuleDict, rel: Reliability) -> dict[str, float]:
@@ -378,22 +684,27 @@ class OnlineEditModule(LightningModule):
         metrics = retained if self.retention else immediate
         return {k: float(metrics[f"{k}_agree"].compute()) for k in LOC_KEYS}
 
+    def _scored_held_out(self) -> bool:
+        return self.immediate_held_out["t_gen"].update_count > 0
+
     def _summary(self) -> dict:
         seconds = [t["edit_seconds"] for t in self.timings]
         summary = {
             "editor": type(self.editor).__name__,
             "backbone": f"{type(self.backbone).__name__}:{Path(self.backbone.path).name}",
             "task": self.task,
-            "num_edits": len(self._references),
+            "num_edits": self.edits_done if self.failure else len(self.timings),
             "protocol": "single" if self.single_edits else "sequential",
-            "headline": "held_out" if self._held_out_references else "seen",
+            "status": "failed" if self.failure else "complete",
+            **({"failed_at": self.failure} if self.failure else {}),
+            "headline": "held_out" if self._scored_held_out() else "seen",
             "immediate": self._totals(self.immediate, self.immediate["rel"]),
             "retention": self._totals(self.retained, self.retained["rel"]),
             "locality_agreement": self._agreement(self.immediate, self.retained),
             "exact_match": {"immediate": self._exact(self.immediate), "retention": self._exact(self.retained)},
             "seconds_per_edit": float(sum(seconds) / len(seconds)) if seconds else 0.0,
         }
-        if self._held_out_references:
+        if self._scored_held_out():
             held, retained = self.immediate_held_out, self.retained_held_out
             summary["held_out"] = {
                 "immediate": self._totals(held, self.immediate["rel"]),
@@ -439,7 +750,9 @@ class OnlineEditModule(LightningModule):
         if self.trainer is None or not self.trainer.is_global_zero:
             return None
         path = self.run_dir() / "edit_state.safetensors"
-        save_edit_state(self.model, self.optimizers().optimizer, path, {"num_edits": str(len(self._references))})
+        records = self._prior_records + self._applied
+        metadata = {"num_edits": str(len(records)), "records": json.dumps(records)}
+        save_edit_state(self.model, self.optimizers().optimizer, path, metadata)
         return path
 
     def _log_scalars(self, scalars: dict[str, float], step: int) -> None:

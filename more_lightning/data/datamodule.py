@@ -22,41 +22,59 @@ from the companion record ``h`` — the composite loss never sees these, they ar
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from more_lightning.data.records import EditRecord, EditTuple, HeldOutQueries, Query
 from more_lightning.data.schema import DataFileError, heldout_path, load_image, read_mmedit
+from more_lightning.journal import applied_edits
 
 log = logging.getLogger(__name__)
 
 
 class EditStream(Dataset):
-    """Map-style view of the stream: item i is the i-th edit tuple (images loaded on access)."""
+    """Map-style view of the stream: item i is the i-th edit tuple (images loaded on access).
 
-    def __init__(self, records: list[EditRecord]) -> None:
+    ``expected_state_sha256`` (replaying a journal): stream position -> the editor-state hash the journal
+    recorded after that edit.
+    """
+
+    def __init__(self, records: list[EditRecord], expected_state_sha256: dict[int, str] | None = None) -> None:
         self.records = records
+        self.expected_state_sha256 = expected_state_sha256 or {}
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> EditTuple:
         r = self.records[index]
-        image = load_image(r.image)
+        image = _image(r, "image", r.image)
         return EditTuple(
             index=index,
             edit=Query(r.src, r.alt, image),
             t_gen=Query(r.rephrase, r.alt, image),
-            m_gen=Query(r.src, r.alt, load_image(r.image_rephrase)),
+            m_gen=Query(r.src, r.alt, _image(r, "image_rephrase", r.image_rephrase)),
             t_loc=Query(r.loc, r.loc_ans, None),
-            m_loc=Query(r.m_loc_q, r.m_loc_a, load_image(r.m_loc)),
+            m_loc=Query(r.m_loc_q, r.m_loc_a, _image(r, "m_loc", r.m_loc)),
             source=r.source,
             held_out=_held_out_queries(r, image),
+            record=r.index,
+            record_sha256=r.sha256,
+            expected_state_sha256=self.expected_state_sha256.get(index),
         )
+
+
+def _image(r: EditRecord, field: str, path: Path) -> Image.Image:
+    """``load_image`` whose error names the record and field (an image changed after the set-up check)."""
+    try:
+        return load_image(path)
+    except DataFileError as exc:
+        raise DataFileError(f"{r.source or 'record'}, field {field!r}: {exc}") from exc
 
 
 def _held_out_queries(r: EditRecord, image: Image.Image) -> HeldOutQueries | None:
@@ -65,14 +83,37 @@ def _held_out_queries(r: EditRecord, image: Image.Image) -> HeldOutQueries | Non
         return None
     return HeldOutQueries(
         t_gen=Query(h.rephrase, r.alt, image),
-        m_gen=Query(r.src, r.alt, load_image(h.image_rephrase)),
+        m_gen=Query(r.src, r.alt, _image(r, "held-out image_rephrase", h.image_rephrase)),
         t_loc=Query(h.loc, h.loc_ans, None),
-        m_loc=Query(h.m_loc_q, h.m_loc_a, load_image(h.m_loc)),
+        m_loc=Query(h.m_loc_q, h.m_loc_a, _image(r, "held-out m_loc", h.m_loc)),
     )
 
 
-def _single(item: EditTuple) -> EditTuple:
-    return item
+class EditStreamLoader:
+    """The stream as Lightning iterates it, one edit tuple per step, resumable mid-stream.
+
+    Lightning saves :meth:`state_dict` in every checkpoint and hands it back to :meth:`load_state_dict`
+    on ``--ckpt_path``, before iterating: the stream then goes on after the last edit the checkpoint
+    holds. ``position`` tells how many edits of the stream have been applied when a checkpoint is taken.
+    """
+
+    def __init__(self, dataset: EditStream, position: Callable[[], int]) -> None:
+        self.dataset = dataset
+        self._position = position
+        self._start = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[EditTuple]:
+        start, self._start = self._start, 0
+        return (self.dataset[i] for i in range(start, len(self.dataset)))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_edit": int(self._position())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._start = int(state["next_edit"])
 
 
 class EditStreamDataModule(LightningDataModule):
@@ -91,6 +132,9 @@ class EditStreamDataModule(LightningDataModule):
             (DESIGN §3). ``"auto"``: ``<stem>.heldout.json`` beside ``data_file`` if it exists, else none;
             ``None`` or ``"none"``: never; a path: that companion, which must exist. It is validated like the
             main file (one object per record, same order; images under ``rephrase_root`` / ``m_loc_root``).
+        replay_journal: a run's ``journal.jsonl``: stream exactly the edits it records as applied, in its order
+            (``num_edits``, ``seed`` and ``shuffle`` are then not used). Every record must still hash as the
+            journal says, and the module checks the editor-state hashes the journal recorded.
     """
 
     def __init__(
@@ -104,6 +148,7 @@ class EditStreamDataModule(LightningDataModule):
         shuffle: bool = True,
         check_images: bool = True,
         heldout_file: str | None = "auto",
+        replay_journal: str | None = None,
     ) -> None:
         super().__init__()
         if num_edits is not None and num_edits < 1:
@@ -117,6 +162,7 @@ class EditStreamDataModule(LightningDataModule):
         self.shuffle = shuffle
         self.check_images = check_images
         self.heldout_file = heldout_file
+        self.replay_journal = replay_journal
         self.stream: EditStream | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -137,20 +183,45 @@ class EditStreamDataModule(LightningDataModule):
             check_images=self.check_images,
             heldout_file=heldout,
         )
-        order = list(range(len(records)))
-        if self.shuffle:
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        n = len(records) if self.num_edits is None else self.num_edits
-        if n > len(records):
-            raise ValueError(f"data.num_edits={n} but {path.name} has only {len(records)} records")
-        self.stream = EditStream([records[i] for i in order[:n]])
+        if self.replay_journal:
+            self.stream = self._replay_stream(records, path)
+            n = len(self.stream)
+        else:
+            order = list(range(len(records)))
+            if self.shuffle:
+                order = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            n = len(records) if self.num_edits is None else self.num_edits
+            if n > len(records):
+                raise ValueError(f"data.num_edits={n} but {path.name} has only {len(records)} records")
+            self.stream = EditStream([records[i] for i in order[:n]])
         log.info(
-            "edit stream: %d edits from %s (seed %d), %s",
+            "edit stream: %d edits from %s (%s), %s",
             n,
             path,
-            self.seed,
+            f"replaying {self.replay_journal}" if self.replay_journal else f"seed {self.seed}",
             f"held-out variants from {heldout.name}" if heldout else "no held-out variants",
         )
+
+    def _replay_stream(self, records: list[EditRecord], path: Path) -> EditStream:
+        """The journal's applied edits as a stream; each record must still hash as the journal recorded."""
+        journal = Path(self.replay_journal)
+        stream, expected = [], {}
+        for position, edit in enumerate(applied_edits(journal)):
+            if not 0 <= edit.record < len(records):
+                raise DataFileError(
+                    f"{journal} line {edit.line}, field 'record': record {edit.record} is not in {path} "
+                    f"({len(records)} records) — replay against the data file the journal was written from"
+                )
+            record = records[edit.record]
+            if record.sha256 != edit.record_sha256:
+                raise DataFileError(
+                    f"{journal} line {edit.line}, field 'record_sha256': {path} record {edit.record} is not the "
+                    "record the journal applied (its content changed) — replay against the original data file"
+                )
+            stream.append(record)
+            if edit.state_sha256:
+                expected[position] = edit.state_sha256
+        return EditStream(stream, expected)
 
     def resolve_heldout_file(self) -> Path | None:
         """The held-out companion this stream uses (see ``heldout_file``), or ``None``.
@@ -175,6 +246,12 @@ class EditStreamDataModule(LightningDataModule):
     def transfer_batch_to_device(self, batch: EditTuple, device: torch.device, dataloader_idx: int) -> EditTuple:
         return batch  # raw text and PIL images: the module encodes them and moves the tensors
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> EditStreamLoader:
         self.setup()
-        return DataLoader(self.stream, batch_size=None, shuffle=False, collate_fn=_single, num_workers=0)
+        return EditStreamLoader(self.stream, self._edits_applied)
+
+    def _edits_applied(self) -> int:
+        """Edits of this stream applied so far: the training loop's processed steps (one step = one edit)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed

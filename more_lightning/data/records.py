@@ -70,6 +70,7 @@ class EditRecord:
     source: str = ""  # "file.json#index" — where the record came from, for error messages
     index: int = -1
     held_out: HeldOutRecord | None = None  # variants no loss uses; None without a companion file
+    sha256: str = ""  # of the record as it stands in the file (see schema.record_sha256): journals name it
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,10 @@ class EditTuple:
     m_loc: Query
     source: str = ""
     held_out: HeldOutQueries | None = None
+    record: int = -1  # index of the record in its data file
+    record_sha256: str = ""  # hash of that record as it stands in the file
+    #: replaying a journal: the editor-state hash the journal recorded after this edit (None: not checked)
+    expected_state_sha256: str | None = None
 
     def queries(self) -> dict[str, Query]:
         """The five seen queries: the edit loss trains on all of them."""

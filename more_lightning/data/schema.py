@@ -25,6 +25,7 @@ answer. :func:`read_heldout` validates it exactly like the main file (same error
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -206,6 +207,15 @@ def _clean(value: str, strip: bool) -> str:
     return _NEWLINE_RUN.sub(" ", value.strip()) if strip else value
 
 
+def record_sha256(raw: dict) -> str:
+    """SHA-256 of one raw record as it stands in the file (keys sorted, UTF-8 JSON, values unstripped).
+
+    Journals name every applied edit by it, so a replay can tell that the file still holds the same record.
+    """
+    text = json.dumps(raw, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def load_image(path: Path) -> Image.Image:
     """Open an image and return it as RGB (COCO holds grayscale and CMYK JPEGs).
 
@@ -364,7 +374,9 @@ def read_mmedit(
         if values["alt"].strip() == values["pred"].strip():
             same_answer.append(index)
         _note_empty_text(values, MMEDIT_KEYS, IMAGE_FIELDS, index, empty_text)
-        records.append(EditRecord(**{**values, **images}, source=f"{path.name}#{index}", index=index))
+        records.append(
+            EditRecord(**{**values, **images}, source=f"{path.name}#{index}", index=index, sha256=record_sha256(raw))
+        )
     _warn_indices(path, same_answer, "have alt == pred, so their edit does not change the answer")
     _warn_empty_text(path, empty_text)
     logger.info("%s: read %d records", path, len(records))

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -62,9 +63,14 @@ def apply_edit_state(
             optimizer.state[param][name] = value.to(param.device, copy=True)
 
 
-def load_edit_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
-    """Restore a state written by :func:`save_edit_state` into an identically configured editor."""
+def load_edit_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> dict[str, str]:
+    """Restore a state written by :func:`save_edit_state` into an identically configured editor.
+
+    Returns the file's metadata (``num_edits``, ``records``: JSON list of the applied records' hashes, ...).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"edit state {str(path)!r} not found (set `--model.init_args.load_edit_state`)")
     apply_edit_state(model, optimizer, load_file(path), path.name)
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
