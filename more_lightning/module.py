@@ -539,7 +539,7 @@ class OnlineEditModule(LightningModule):
             return None
         path = self.checkpoint_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.trainer.save_checkpoint(path)  # written to a temporary file and moved into place
+        self.trainer.save_checkpoint(path, weights_only=False)  # with optimizer state; written atomically
         return path
 
     @override
@@ -638,7 +638,7 @@ class OnlineEditModule(LightningModule):
     def _checkpoint_edits(path: Path) -> str:
         if not path.is_file():
             return "none"
-        saved = torch.load(path, map_location="cpu", weights_only=False)  # written by this run
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         return str(saved["edit_stream"]["edits_done"])
 
     # --- after the stream ------------------------------------------------------------------------
