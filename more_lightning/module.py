@@ -98,6 +98,20 @@ def _nll(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
+def edit_fit(logits: Tensor, labels: Tensor) -> dict[str, float]:
+    """How well a model state fits one query's answer: mean NLL and mean target margin over its answer tokens.
+
+    margin = logit of the target token − the largest logit of any other token (> 0: the target is the argmax).
+    """
+    logits, labels = shift_for_loss(logits.detach(), labels)  # (1, T-1, V), (1, T-1)
+    mask = labels != -100
+    rows, targets = logits[mask].float(), labels[mask]  # (n, V), (n,)
+    target_logit = rows.gather(-1, targets[:, None])[:, 0]
+    others = rows.scatter(-1, targets[:, None], float("-inf"))
+    nll = F.cross_entropy(rows, targets)
+    return {"nll": float(nll), "margin": float((target_logit - others.max(-1).values).mean())}
+
+
 def _kl(logits: Tensor, ref: Reference) -> Tensor:
     """Mean over answer positions of KL(p_θ ‖ p_{t-1})."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)[ref.mask]  # (n, V)
@@ -113,6 +127,29 @@ def _atomic_write_text(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def split_by_shared_question(per_edit: list[tuple[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Mean scores of the edits whose question text another edit of the stream shares, and of the others.
+
+    ``per_edit``: (question text, scores) per edit. Returns ``{"shared": {...}, "unique": {...}}`` with
+    ``num_edits`` and the mean of every score key (a group without edits is left out): edits that share
+    their text can only be told apart by the image, so the split tells binding to the image apart from
+    writing the answer.
+    """
+    counts: dict[str, int] = {}
+    for text, _ in per_edit:
+        key = " ".join(text.lower().split())
+        counts[key] = counts.get(key, 0) + 1
+    groups: dict[str, list[dict[str, float]]] = {"shared": [], "unique": []}
+    for text, scores in per_edit:
+        groups["shared" if counts[" ".join(text.lower().split())] > 1 else "unique"].append(scores)
+    out = {}
+    for name, rows in groups.items():
+        if rows:
+            keys = [k for k in rows[0] if all(k in r for r in rows)]
+            out[name] = {"num_edits": len(rows), **{k: sum(r[k] for r in rows) / len(rows) for k in keys}}
+    return out
 
 
 class StreamError(RuntimeError):
@@ -246,6 +283,12 @@ class OnlineEditModule(LightningModule):
         self._mid_edit = False  # from an edit's first write until its journal line: the state is mid-edit
         self._pending: dict | None = None  # this edit's journal line, written once the edit is complete
         self.failure: dict | None = None
+        #: the last edit's write diagnostics per edited module, and its fit before / after the write
+        self.last_diagnostics: dict[str, dict[str, float]] = {}
+        self._fit_before: dict[str, float] = {}
+        #: stream sums of every diagnostic (per module) and of the edit fit, for metrics.json
+        self._diagnostic_sums: dict[str, dict[str, float]] = {}
+        self._diagnostic_count = 0
         self.strict_loading = False  # checkpoints hold only what the stream changed, not the frozen backbone
 
     @property
@@ -322,6 +365,8 @@ class OnlineEditModule(LightningModule):
             positions = query.positions(self.editor.key_positions) if capture else None
             with self.keys.record(positions) if capture else nullcontext():
                 logits = self.logits(query)
+            if capture and name == "edit":  # θ_{t-1} on the edit: the fit before the write
+                self._fit_before = edit_fit(logits, query.labels)
             if name in weights:
                 loss = loss + weights[name] * _nll(logits, query.labels)
             else:
@@ -343,6 +388,7 @@ class OnlineEditModule(LightningModule):
         loss, editor_seconds = self.write(optimizer, inputs, refs)
         edit_seconds = time.perf_counter() - start
         self.timings.append({"edit_seconds": edit_seconds, "editor_seconds": editor_seconds})
+        fit = self._edit_fit_record(inputs["edit"])
         scores = self.evaluate(inputs, refs, self.immediate)
         held = self.evaluate_held_out(held_inputs, held_refs, self.immediate_held_out, rel=scores["rel"])
         if self.retention:  # the retention pass needs them; nothing else does
@@ -361,7 +407,13 @@ class OnlineEditModule(LightningModule):
             "scores": scores,
             **({"held_out_scores": held} if held else {}),
             "seconds": edit_seconds,
+            "fit": fit,
+            "diagnostics": self.last_diagnostics,
         }
+        self._log_scalars({f"edit/{k}": v for k, v in fit.items()}, step)
+        self._log_scalars(
+            {f"diag/{module}/{k}": v for module, diag in self.last_diagnostics.items() for k, v in diag.items()}, step
+        )
         self._log_scalars({f"immediate/{k}": v for k, v in scores.items()}, step)
         self._log_scalars({f"held_out/immediate/{k}": v for k, v in held.items()}, step)
         self._log_scalars(
@@ -376,6 +428,19 @@ class OnlineEditModule(LightningModule):
             batch_size=1,
         )
         return loss
+
+    @torch.no_grad()
+    def _edit_fit_record(self, edit: ModelInputs) -> dict[str, float]:
+        """This edit's NLL and margin before and after its write; added to the stream sums."""
+        after = edit_fit(self.logits(edit), edit.labels)
+        fit = {f"{k}_before": v for k, v in self._fit_before.items()} | {f"{k}_after": v for k, v in after.items()}
+        self._diagnostic_count += 1
+        rows = {"edit_fit": fit, **self.last_diagnostics}
+        for group, values in rows.items():
+            sums = self._diagnostic_sums.setdefault(group, {})
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return fit
 
     def write(
         self, optimizer: LightningOptimizer, inputs: dict[str, ModelInputs], refs: dict[str, Reference]
@@ -399,6 +464,7 @@ class OnlineEditModule(LightningModule):
         self.editor.end_edit(optimizer.optimizer)
         editor_seconds += time.perf_counter() - tick
         optimizer.zero_grad()
+        self.last_diagnostics = self.editor.diagnostics(optimizer.optimizer)  # outside the editor's timing
         return loss.detach(), editor_seconds
 
     @torch.no_grad()
@@ -561,6 +627,8 @@ class OnlineEditModule(LightningModule):
             "references": _references_payload(self._references),
             "held_out_references": _references_payload(self._held_out_references),
             "timings": list(self.timings),
+            "diagnostic_sums": self._diagnostic_sums,
+            "diagnostic_count": self._diagnostic_count,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
@@ -589,6 +657,8 @@ class OnlineEditModule(LightningModule):
         self._references = _references_from(saved["references"])
         self._held_out_references = _references_from(saved["held_out_references"])
         self.timings = list(saved["timings"])
+        self._diagnostic_sums = saved["diagnostic_sums"]
+        self._diagnostic_count = int(saved["diagnostic_count"])
         self._resume = saved
 
     def stream_failed(self, exception: BaseException) -> None:
@@ -644,13 +714,19 @@ class OnlineEditModule(LightningModule):
     # --- after the stream ------------------------------------------------------------------------
     @override
     def on_train_epoch_end(self) -> None:
+        self._retained_by_question = {}
         if self.retention and self._references:
             dataset = self.trainer.train_dataloader.dataset
+            per_edit = []
             for index, refs in sorted(self._references.items()):
                 item = dataset[index]
-                self.evaluate(self.encode(item), refs, self.retained)
+                scores = self.evaluate(self.encode(item), refs, self.retained)
                 if index in self._held_out_references:
-                    self.evaluate(self.encode_held_out(item), self._held_out_references[index], self.retained_held_out)
+                    held_refs = self._held_out_references[index]
+                    held = self.evaluate(self.encode_held_out(item), held_refs, self.retained_held_out)
+                    scores["held_out_avg"] = average_score({**held, "rel": scores["rel"]})
+                per_edit.append((item.edit.prompt, scores))
+            self._retained_by_question = split_by_shared_question(per_edit)
         self.save_edit_state()
         self.summary = self._summary()
         step = len(self.timings)
@@ -703,6 +779,11 @@ class OnlineEditModule(LightningModule):
             "locality_agreement": self._agreement(self.immediate, self.retained),
             "exact_match": {"immediate": self._exact(self.immediate), "retention": self._exact(self.retained)},
             "seconds_per_edit": float(sum(seconds) / len(seconds)) if seconds else 0.0,
+            "retention_by_question": getattr(self, "_retained_by_question", {}),
+            "diagnostics": {
+                group: {k: v / self._diagnostic_count for k, v in sums.items()}
+                for group, sums in self._diagnostic_sums.items()
+            },
         }
         if self._scored_held_out():
             held, retained = self.immediate_held_out, self.retained_held_out

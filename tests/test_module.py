@@ -152,6 +152,14 @@ trainer:
     assert all(0 <= v <= 100 for phase in ("immediate", "retention") for v in metrics[phase].values())
     assert metrics["seconds_per_edit"] > 0
     tags = _tb_tags(run_dir)
+    # write diagnostics: per module per edit in TensorBoard, stream means in metrics.json
+    diag = metrics["diagnostics"]
+    proj = "model.multi_modal_projector.linear_2"
+    assert {"grad_norm", "delta_norm", "removed_share", "z_sq", "s_above_lam", "effective_rank"} <= set(diag[proj])
+    assert set(diag["edit_fit"]) == {"nll_before", "nll_after", "margin_before", "margin_after"}
+    assert f"diag/{proj}/removed_share" in tags and "edit/margin_after" in tags
+    split = metrics["retention_by_question"]
+    assert sum(group["num_edits"] for group in split.values()) == 3 and all("rel" in g for g in split.values())
     for name in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg"):
         assert f"immediate/{name}" in tags
         assert f"final_retention/{name}" in tags

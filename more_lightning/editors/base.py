@@ -48,6 +48,13 @@ class Editor:
     def end_edit(self, optimizer: torch.optim.Optimizer) -> None:
         """Called after the last inner step of an edit."""
 
+    def diagnostics(self, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, float]]:
+        """The last edit's write diagnostics per edited module path (empty: the editor reports none).
+
+        Called after :meth:`end_edit`, outside the timed editor step; numbers only (logged per edit).
+        """
+        return {}
+
     def written_modules(self) -> dict[str, nn.Module]:
         """Modules whose effective weight the editor changes (for analyses of ΔW)."""
         return {}

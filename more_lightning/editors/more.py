@@ -41,6 +41,26 @@ def sherman_morrison(P: Tensor, z: Tensor, denom_offset: float = 1.0) -> Tensor:
     return P - torch.outer(u, u) / (denom_offset + z @ u)
 
 
+def key_spectrum(P: Tensor, lam: float, prior: Prior) -> Tensor:
+    """Eigenvalues of the key statistics S = Σ z zᵀ behind a preconditioner P, ascending, clipped at 0.
+
+    paper: P = ((1 + λ) I + S)⁻¹ ⇒ s = 1/μ − 1 − λ;  public: P = λ (λ I + S)⁻¹ ⇒ s = λ/μ − λ (μ: P's eigenvalues).
+    """
+    mu = torch.linalg.eigvalsh(P.double())
+    s = 1.0 / mu - 1.0 - lam if prior == "paper" else lam / mu - lam
+    return s.clamp_min(0.0)
+
+
+def effective_rank(s: Tensor) -> float:
+    """exp of the entropy of the normalised spectrum ``s`` (1 for one direction, len(s) for a flat one; 0 if empty)."""
+    total = float(s.sum())
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def closed_form_write(G: Tensor, P: Tensor, eta: float) -> Tensor:
     """``ΔB = -η G P`` (eq. 12): G (d_out × r), P (r × r) → (d_out × r)."""
     return -eta * (G @ P)
@@ -117,6 +137,10 @@ class MOREOptimizer(torch.optim.Optimizer):
         self.top_k = top_k
         self.stats_dtype = stats_dtype
         self._pending: dict[str, Tensor] = {}
+        #: this edit's write diagnostics per module path (see :meth:`edit_diagnostics`).
+        self._diag: dict[str, dict[str, float]] = {}
+        self._edit_delta: dict[str, Tensor] = {}  # Σ ΔB over this edit's inner steps
+        self._first_step = True
         if precondition:  # P exists from the start, so state_dict() is complete before the first edit
             for group in self.param_groups:
                 self._state(group)
@@ -151,6 +175,9 @@ class MOREOptimizer(torch.optim.Optimizer):
         if self.pool:
             keys = keys.mean(dim=0, keepdim=True)  # (1, d_in)
         Z = keys @ A.to(self.stats_dtype).T  # (n, r) projected keys
+        diag = self._diag.setdefault(group["name"], {})
+        diag["z_sq"] = float(Z.pow(2).sum(dim=1).mean())  # ‖z‖² (mean over rows when not pooled)
+        diag["z_sq_over_lam"] = diag["z_sq"] / group["lam"]
         offset = 1.0 if self.prior == "paper" else group["lam"]
         P = state["P"]
         for z in Z:
@@ -165,6 +192,7 @@ class MOREOptimizer(torch.optim.Optimizer):
         ``write_with="current"`` folds them into P now (so this edit's writes use ``P_t``);
         ``"previous"`` defers that to :meth:`end_edit`.
         """
+        self._diag, self._edit_delta, self._first_step = {}, {}, True  # a new edit starts here
         if not self.precondition:
             return
         for group in self.param_groups:
@@ -183,6 +211,31 @@ class MOREOptimizer(torch.optim.Optimizer):
             if k is not None:
                 self._fold_keys(group, k)
 
+    @torch.no_grad()
+    def edit_diagnostics(self) -> dict[str, dict[str, float]]:
+        """The last edit's write, per module path (call after :meth:`end_edit`).
+
+        ``grad_norm`` ‖G‖_F at the edit's first step; ``delta_norm`` ‖ΔB‖_F of the whole edit (0: not
+        written, e.g. left out by ``top_k``); ``removed_share`` 1 − ‖GP‖/‖G‖ at the first step (0 for
+        LoRA-FT); ``z_sq`` ‖z‖² of the edit's projected key and ``z_sq_over_lam`` = ``z_sq`` / λ; and the
+        occupancy of the key statistics S = Σ z zᵀ after the edit, from P's eigenvalues μ (paper prior
+        P = ((1+λ) I + S)⁻¹: s = 1/μ − 1 − λ; public P = λ(λ I + S)⁻¹: s = λ/μ − λ): ``s_above_lam`` (how
+        many eigenvalues of S exceed λ), ``s_max``, ``effective_rank`` exp(entropy of s / Σ s).
+        """
+        diagnostics = {}
+        for group in self.param_groups:
+            name = group["name"]
+            diag = dict(self._diag.get(name, {}))
+            delta = self._edit_delta.get(name)
+            diag["delta_norm"] = float(delta.norm()) if delta is not None else 0.0
+            if self.precondition:
+                s = key_spectrum(self._state(group)["P"], group["lam"], self.prior)
+                diag["s_above_lam"] = float((s > group["lam"]).sum())
+                diag["s_max"] = float(s.max())
+                diag["effective_rank"] = effective_rank(s)
+            diagnostics[name] = diag
+        return diagnostics
+
     # --- the write -----------------------------------------------------------------------------
     def _selected(self) -> list[dict]:
         groups = [g for g in self.param_groups if g["params"][0].grad is not None]
@@ -199,6 +252,12 @@ class MOREOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        first, self._first_step = self._first_step, False
+        if first:
+            for group in self.param_groups:
+                if group["params"][0].grad is not None:
+                    diag = self._diag.setdefault(group["name"], {})
+                    diag["grad_norm"] = float(group["params"][0].grad.double().norm())
         for group in self._selected():
             B = group["params"][0]
             G = B.grad.to(self.stats_dtype)  # (d_out, r)
@@ -208,6 +267,12 @@ class MOREOptimizer(torch.optim.Optimizer):
                 state["num_writes"] += 1
             else:  # LoRA-FT: P = I, nothing to keep
                 delta = -group["eta"] * G
+            if first:  # the share of the raw step -ηG that P removed: 1 - ‖GP‖ / ‖G‖
+                g_norm = float(G.norm())
+                diag = self._diag.setdefault(group["name"], {})
+                diag["removed_share"] = 1.0 - float(delta.norm()) / (group["eta"] * g_norm) if g_norm else 0.0
+            name = group["name"]
+            self._edit_delta[name] = self._edit_delta[name] + delta if name in self._edit_delta else delta.clone()
             B.add_(delta.to(B.dtype))
             if len(group["params"]) > 1:  # freeze_A=False ablation: A follows its plain gradient
                 A = group["params"][1]
@@ -304,6 +369,9 @@ class MORE(Editor):
 
     def end_edit(self, optimizer: MOREOptimizer) -> None:
         optimizer.end_edit()
+
+    def diagnostics(self, optimizer: MOREOptimizer) -> dict[str, dict[str, float]]:
+        return optimizer.edit_diagnostics()
 
     def written_modules(self) -> dict[str, nn.Module]:
         return {name: adapter for name, adapter, _ in self.adapters}

@@ -159,3 +159,56 @@ def test_state_dict_round_trips_exactly():
 def test_bad_hyperparameters_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MOREOptimizer([("m", _adapter(), "text")], **kwargs)
+
+
+@pytest.mark.parametrize("prior", ["paper", "public"])
+@pytest.mark.parametrize("write_with", ["current", "previous"])
+def test_write_diagnostics_match_a_dense_computation(prior, write_with):
+    import math
+
+    lam, eta, steps = 4.0, 0.3, 2
+    adapter = _adapter()
+    opt = MOREOptimizer([("m", adapter, "text")], eta=eta, lam=lam, prior=prior, write_with=write_with)
+    A = adapter.lora_A.double()
+    history = [torch.randn(3, 24) for _ in range(5)]
+    for keys in history[:-1]:
+        _one_edit(opt, adapter, "m", keys, torch.randn(10, 6, dtype=torch.float64))
+    keys = history[-1]
+    grads = [torch.randn(10, 6, dtype=torch.float64) for _ in range(steps)]
+    B_before = adapter.lora_B.detach().double().clone()
+    opt.observe({"m": keys})
+    P_write = opt.state[adapter.lora_B]["P"].clone()  # P_t (current) or P_{t-1} (previous)
+    for g in grads:
+        adapter.lora_B.grad = g.clone().float()
+        opt.step()
+    opt.end_edit()
+    diag = opt.edit_diagnostics()["m"]
+
+    z = keys.double().mean(0) @ A.T
+    G = grads[0].float().double()
+    assert diag["z_sq"] == pytest.approx(float(z @ z), rel=1e-6)
+    assert diag["z_sq_over_lam"] == pytest.approx(float(z @ z) / lam, rel=1e-6)
+    assert diag["grad_norm"] == pytest.approx(float(torch.linalg.norm(G)), rel=1e-6)
+    share = 1 - float(torch.linalg.norm(G @ P_write)) / float(torch.linalg.norm(G))
+    assert diag["removed_share"] == pytest.approx(share, rel=1e-6, abs=1e-9)
+    assert diag["delta_norm"] == pytest.approx(float(torch.linalg.norm(adapter.lora_B.double() - B_before)), rel=1e-4)
+    Z = torch.stack([k.double().mean(0) @ A.T for k in history])
+    s = torch.linalg.eigvalsh(Z.T @ Z).clamp_min(0)  # dense S = Σ z zᵀ, never formed by the optimizer
+    assert diag["s_max"] == pytest.approx(float(s.max()), rel=1e-6)
+    assert diag["s_above_lam"] == float((s > lam).sum())
+    p = s[s > 1e-9 * s.max()] / s.sum()
+    assert diag["effective_rank"] == pytest.approx(math.exp(float(-(p * p.log()).sum())), rel=1e-4)
+    assert 1 <= diag["effective_rank"] <= 5  # five pooled keys span at most five directions
+
+
+def test_lora_ft_and_unwritten_modules_report_plain_steps():
+    text, proj = _adapter(seed=1), _adapter(seed=2)
+    opt = MOREOptimizer([("text", text, "text"), ("proj", proj, "image")], eta=0.5, precondition=False)
+    opt.observe({})
+    text.lora_B.grad = torch.randn(10, 6)
+    opt.step()
+    opt.end_edit()
+    diag = opt.edit_diagnostics()
+    assert diag["text"]["removed_share"] == pytest.approx(0.0, abs=1e-7)
+    assert diag["text"]["delta_norm"] == pytest.approx(0.5 * float(text.lora_B.grad.norm()), rel=1e-5)
+    assert diag["proj"] == {"delta_norm": 0.0}  # no gradient, no write, no statistics
