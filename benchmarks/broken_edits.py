@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cli
+from stream_run import run_probed_stream
+
 from more_lightning.backbones.base import shift_for_loss
 
 
@@ -101,33 +101,13 @@ def main() -> None:
     parser.add_argument("--split", choices=("train", "eval"), default="train", help="embedded world split")
     parser.add_argument("overrides", nargs="*", help="extra LightningCLI arguments")
     args = parser.parse_args()
-    tracker_arg = {"class_path": f"{BreakTracker.__module__}.{BreakTracker.__qualname__}"}
     extra = []
     if args.split == "train":
         import yaml
 
         data_file = Path(yaml.safe_load(Path(args.config).read_text())["data"]["init_args"]["data_file"])
         extra = ["--data.init_args.data_file", str(data_file).replace("_eval", "_train")]
-    with tempfile.TemporaryDirectory() as runs:
-        run = cli.main(
-            [
-                "fit",
-                "--config",
-                args.config,
-                "--data.init_args.num_edits",
-                str(args.edits),
-                "--model.init_args.retention",
-                "false",
-                "--trainer.enable_progress_bar",
-                "false",
-                "--trainer.logger.init_args.save_dir",
-                runs,
-                f"--trainer.callbacks+={json.dumps(tracker_arg)}",
-                *extra,
-                *args.overrides,
-            ]
-        )
-    tracker = next(c for c in run.trainer.callbacks if isinstance(c, BreakTracker))
+    run, tracker = run_probed_stream(args.config, args.edits, BreakTracker, overrides=[*extra, *args.overrides])
     data_file = Path(run.datamodule.data_file)
     qtypes = _truth_types(data_file)
     n = len(tracker.items)

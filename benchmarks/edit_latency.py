@@ -13,18 +13,16 @@ Retention is switched off: this measures the stream, not the final re-evaluation
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cli
+from stream_run import run_probed_stream
 
 
 def rss_bytes() -> int:
@@ -62,26 +60,7 @@ def main() -> None:
     parser.add_argument("--rss-at", type=int, default=1000, help="edit after which RSS is first measured")
     parser.add_argument("overrides", nargs="*", help="extra LightningCLI arguments, e.g. --model.init_args.editor...")
     args = parser.parse_args()
-    probe_arg = {"class_path": f"{RssProbe.__module__}.{RssProbe.__qualname__}", "init_args": {"at": args.rss_at}}
-    with tempfile.TemporaryDirectory() as runs:
-        run = cli.main(
-            [
-                "fit",
-                "--config",
-                args.config,
-                "--data.init_args.num_edits",
-                str(args.edits),
-                "--model.init_args.retention",
-                "false",
-                "--trainer.enable_progress_bar",
-                "false",
-                "--trainer.logger.init_args.save_dir",
-                runs,
-                f"--trainer.callbacks+={json.dumps(probe_arg)}",
-                *args.overrides,
-            ]
-        )
-    probe = next(c for c in run.trainer.callbacks if isinstance(c, RssProbe))
+    run, probe = run_probed_stream(args.config, args.edits, RssProbe, {"at": args.rss_at}, args.overrides)
     timings = run.model.timings
     window = min(100, len(timings) // 2)
     first = [t["edit_seconds"] for t in timings[:window]]
