@@ -285,6 +285,8 @@ class OnlineEditModule(LightningModule):
         self.failure: dict | None = None
         #: the last edit's write diagnostics per edited module, and its fit before / after the write
         self.last_diagnostics: dict[str, dict[str, float]] = {}
+        self._step_seconds = 0.0
+        self._step_tick = 0.0
         self._fit_before: dict[str, float] = {}
         #: stream sums of every diagnostic (per module) and of the edit fit, for metrics.json
         self._diagnostic_sums: dict[str, dict[str, float]] = {}
@@ -320,7 +322,16 @@ class OnlineEditModule(LightningModule):
                 )
         if self.single_edits:
             self._initial_state = {k: v.clone() for k, v in edit_state_dict(self.model, optimizer).items()}
+        # the editor's own write is timed inside the optimizer's step (not Lightning's plumbing around it)
+        optimizer.register_step_pre_hook(self._step_started)
+        optimizer.register_step_post_hook(self._step_ended)
         return optimizer
+
+    def _step_started(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._step_tick = time.perf_counter()
+
+    def _step_ended(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._step_seconds += time.perf_counter() - self._step_tick
 
     def encode(self, batch: EditTuple) -> dict[str, ModelInputs]:
         """The five seen queries (``edit``, ``t_gen``, ``m_gen``, ``t_loc``, ``m_loc``), encoded."""
@@ -447,19 +458,22 @@ class OnlineEditModule(LightningModule):
     ) -> tuple[Tensor, float]:
         """``steps_per_edit`` × (composite loss, backward, editor step), then the editor's ``end_edit``.
 
-        Returns the last (detached) loss and the seconds spent in the editor's own statistics and write.
+        Returns the last (detached) loss and the seconds spent in the editor's own statistics and write
+        (``observe``, the optimizer's own ``step`` timed by its step hooks, ``end_edit``).
         """
         editor_seconds = 0.0
+        self._step_seconds = 0.0  # the optimizer's own steps (hooks set in configure_optimizers)
         for inner in range(self.editor.steps_per_edit):
             self.keys.reset()
             loss = self.edit_loss(inputs, refs, capture=inner == 0)
             optimizer.zero_grad()
             self.manual_backward(loss)
-            tick = time.perf_counter()
             if inner == 0:
+                tick = time.perf_counter()
                 self.editor.observe(optimizer.optimizer, self.keys.keys())
+                editor_seconds += time.perf_counter() - tick
             optimizer.step()
-            editor_seconds += time.perf_counter() - tick
+        editor_seconds += self._step_seconds
         tick = time.perf_counter()
         self.editor.end_edit(optimizer.optimizer)
         editor_seconds += time.perf_counter() - tick

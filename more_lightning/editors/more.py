@@ -137,10 +137,13 @@ class MOREOptimizer(torch.optim.Optimizer):
         self.top_k = top_k
         self.stats_dtype = stats_dtype
         self._pending: dict[str, Tensor] = {}
-        #: this edit's write diagnostics per module path (see :meth:`edit_diagnostics`).
-        self._diag: dict[str, dict[str, float]] = {}
-        self._edit_delta: dict[str, Tensor] = {}  # Σ ΔB over this edit's inner steps
+        # this edit's tensors for :meth:`edit_diagnostics`, kept by reference (no work in the timed write)
+        self._edit_keys: dict[str, Tensor] = {}  # projected keys Z
+        self._first_grads: dict[str, Tensor] = {}  # G at the first inner step
+        self._first_writes: dict[str, tuple[Tensor, Tensor]] = {}  # (G, ΔB) of the first inner step
+        self._edit_deltas: dict[str, list[Tensor]] = {}  # every ΔB of this edit
         self._first_step = True
+        self._A: dict[str, Tensor] = {}  # A in stats_dtype, per module (A is fixed unless trained)
         if precondition:  # P exists from the start, so state_dict() is complete before the first edit
             for group in self.param_groups:
                 self._state(group)
@@ -170,20 +173,26 @@ class MOREOptimizer(torch.optim.Optimizer):
     def _fold_keys(self, group: dict, keys: Tensor) -> None:
         """Rank-one Sherman–Morrison update(s) of the group's P with keys (n, d_in)."""
         state = self._state(group)
-        A = self.adapters[group["name"]].lora_A.detach()  # (r, d_in)
+        A = self._stats_A(group["name"])  # (r, d_in)
         keys = keys.to(device=A.device, dtype=self.stats_dtype)
         if self.pool:
             keys = keys.mean(dim=0, keepdim=True)  # (1, d_in)
-        Z = keys @ A.to(self.stats_dtype).T  # (n, r) projected keys
-        diag = self._diag.setdefault(group["name"], {})
-        diag["z_sq"] = float(Z.pow(2).sum(dim=1).mean())  # ‖z‖² (mean over rows when not pooled)
-        diag["z_sq_over_lam"] = diag["z_sq"] / group["lam"]
+        Z = keys @ A.T  # (n, r) projected keys
+        self._edit_keys[group["name"]] = Z
         offset = 1.0 if self.prior == "paper" else group["lam"]
         P = state["P"]
         for z in Z:
             P = sherman_morrison(P, z, offset)
         state["P"] = 0.5 * (P + P.T)  # keep exactly symmetric against round-off drift
         state["num_keys"] += Z.shape[0]
+
+    def _stats_A(self, name: str) -> Tensor:
+        A = self.adapters[name].lora_A
+        if isinstance(A, nn.Parameter):  # trained (freeze_A: false): follow it
+            return A.detach().to(self.stats_dtype)
+        if name not in self._A:
+            self._A[name] = A.detach().to(self.stats_dtype)
+        return self._A[name]
 
     @torch.no_grad()
     def observe(self, keys: dict[str, Tensor]) -> None:
@@ -192,7 +201,8 @@ class MOREOptimizer(torch.optim.Optimizer):
         ``write_with="current"`` folds them into P now (so this edit's writes use ``P_t``);
         ``"previous"`` defers that to :meth:`end_edit`.
         """
-        self._diag, self._edit_delta, self._first_step = {}, {}, True  # a new edit starts here
+        self._edit_keys, self._first_grads, self._first_writes, self._edit_deltas = {}, {}, {}, {}
+        self._first_step = True  # a new edit starts here
         if not self.precondition:
             return
         for group in self.param_groups:
@@ -225,9 +235,18 @@ class MOREOptimizer(torch.optim.Optimizer):
         diagnostics = {}
         for group in self.param_groups:
             name = group["name"]
-            diag = dict(self._diag.get(name, {}))
-            delta = self._edit_delta.get(name)
-            diag["delta_norm"] = float(delta.norm()) if delta is not None else 0.0
+            diag = {}
+            if name in self._edit_keys:  # ‖z‖² (mean over rows when not pooled)
+                diag["z_sq"] = float(self._edit_keys[name].pow(2).sum(dim=1).mean())
+                diag["z_sq_over_lam"] = diag["z_sq"] / group["lam"]
+            if name in self._first_grads:
+                diag["grad_norm"] = float(self._first_grads[name].double().norm())
+            if name in self._first_writes:  # the share of the raw step -ηG that P removed: 1 - ‖GP‖ / ‖G‖
+                G, delta = self._first_writes[name]
+                g_norm = float(G.norm())
+                diag["removed_share"] = 1.0 - float(delta.norm()) / (group["eta"] * g_norm) if g_norm else 0.0
+            deltas = self._edit_deltas.get(name)
+            diag["delta_norm"] = float(torch.stack(deltas).sum(0).norm()) if deltas else 0.0
             if self.precondition:
                 s = key_spectrum(self._state(group)["P"], group["lam"], self.prior)
                 diag["s_above_lam"] = float((s > group["lam"]).sum())
@@ -254,10 +273,8 @@ class MOREOptimizer(torch.optim.Optimizer):
                 loss = closure()
         first, self._first_step = self._first_step, False
         if first:
-            for group in self.param_groups:
-                if group["params"][0].grad is not None:
-                    diag = self._diag.setdefault(group["name"], {})
-                    diag["grad_norm"] = float(group["params"][0].grad.double().norm())
+            grads = {g["name"]: g["params"][0].grad for g in self.param_groups}
+            self._first_grads = {name: grad for name, grad in grads.items() if grad is not None}
         for group in self._selected():
             B = group["params"][0]
             G = B.grad.to(self.stats_dtype)  # (d_out, r)
@@ -267,12 +284,9 @@ class MOREOptimizer(torch.optim.Optimizer):
                 state["num_writes"] += 1
             else:  # LoRA-FT: P = I, nothing to keep
                 delta = -group["eta"] * G
-            if first:  # the share of the raw step -ηG that P removed: 1 - ‖GP‖ / ‖G‖
-                g_norm = float(G.norm())
-                diag = self._diag.setdefault(group["name"], {})
-                diag["removed_share"] = 1.0 - float(delta.norm()) / (group["eta"] * g_norm) if g_norm else 0.0
-            name = group["name"]
-            self._edit_delta[name] = self._edit_delta[name] + delta if name in self._edit_delta else delta.clone()
+            if first:
+                self._first_writes[group["name"]] = (G, delta)
+            self._edit_deltas.setdefault(group["name"], []).append(delta)
             B.add_(delta.to(B.dtype))
             if len(group["params"]) > 1:  # freeze_A=False ablation: A follows its plain gradient
                 A = group["params"][1]
