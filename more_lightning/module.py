@@ -533,6 +533,13 @@ class OnlineEditModule(LightningModule):
     @override
     def on_train_start(self) -> None:
         stream = self._stream_records()
+        if self._resume is not None and self.edits_done >= self.trainer.num_training_batches:
+            rank_zero_info(
+                f"the stream of {self.trainer.ckpt_path} is complete ({self.edits_done} edits): nothing to resume; "
+                f"its metrics.json and edit state are in {self.run_dir()}"
+            )
+            self._resume = None
+            return
         if self._resume is not None:
             self._continue_stream(stream)
         elif stream is not None and self._prior_hashes:
@@ -671,8 +678,8 @@ class OnlineEditModule(LightningModule):
         self._references = _references_from(saved["references"])
         self._held_out_references = _references_from(saved["held_out_references"])
         self.timings = list(saved["timings"])
-        self._diagnostic_sums = saved["diagnostic_sums"]
-        self._diagnostic_count = int(saved["diagnostic_count"])
+        self._diagnostic_sums = saved.get("diagnostic_sums", {})
+        self._diagnostic_count = int(saved.get("diagnostic_count", 0))
         self._resume = saved
 
     def stream_failed(self, exception: BaseException) -> None:
@@ -683,8 +690,8 @@ class OnlineEditModule(LightningModule):
         """
         if self.trainer is None or not self.trainer.is_global_zero:
             return
-        if self._journal is None and not self.edits_done:
-            return  # the stream never started: nothing to save, the error says it all
+        if self._journal is None:
+            return  # the stream never started (or restarted): nothing new to save, the error says it all
         batch = self._current
         where = batch.source if batch is not None else "the next record"
         failed_at = self.edits_done + 1

@@ -126,6 +126,12 @@ def test_a_stream_killed_with_sigkill_resumes_to_the_uninterrupted_result(tiny_l
     assert events[0] == "start" and "resume" in events and events[-1] == "end"
     assert [e.edit for e in applied_edits(run / "journal.jsonl")] == [1, 2, 3, 4]
 
+    # going on from the final checkpoint of a finished stream changes nothing
+    before = {p.name: p.read_bytes() for p in (run / "metrics.json", run / "edit_state.safetensors")}
+    cli.main(["fit", "--config", str(killed), "--ckpt_path", "last"])
+    assert {p.name: p.read_bytes() for p in (run / "metrics.json", run / "edit_state.safetensors")} == before
+    assert read_journal(run / "journal.jsonl")[-1]["event"] == "end"
+
 
 def test_ckpt_path_last_without_a_checkpoint_is_an_error_not_a_fresh_start(tiny_llava_dir, data, tmp_path):
     config = _config(tmp_path, tiny_llava_dir, data)
