@@ -533,15 +533,15 @@ class OnlineEditModule(LightningModule):
     @override
     def on_train_start(self) -> None:
         stream = self._stream_records()
-        if self._resume is not None and self.edits_done >= self.trainer.num_training_batches:
-            rank_zero_info(
-                f"the stream of {self.trainer.ckpt_path} is complete ({self.edits_done} edits): nothing to resume; "
-                f"its metrics.json and edit state are in {self.run_dir()}"
-            )
-            self._resume = None
-            return
         if self._resume is not None:
-            self._continue_stream(stream)
+            self._continue_stream(stream)  # refuses another stream's checkpoint
+            if self.edits_done >= self.trainer.num_training_batches:
+                rank_zero_info(
+                    f"the stream of {self.trainer.ckpt_path} is complete ({self.edits_done} edits): nothing to "
+                    f"resume; its metrics.json and edit state are in {self.run_dir()}"
+                )
+                self._resume = None
+                return
         elif stream is not None and self._prior_hashes:
             for position, sha in enumerate(stream):
                 if sha in self._prior_hashes:

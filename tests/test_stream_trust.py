@@ -131,6 +131,9 @@ def test_a_stream_killed_with_sigkill_resumes_to_the_uninterrupted_result(tiny_l
     cli.main(["fit", "--config", str(killed), "--ckpt_path", "last"])
     assert {p.name: p.read_bytes() for p in (run / "metrics.json", run / "edit_state.safetensors")} == before
     assert read_journal(run / "journal.jsonl")[-1]["event"] == "end"
+    # and another stream (here: another order) never continues from it
+    with pytest.raises(StreamError, match="written by another stream"):
+        cli.main(["fit", "--config", str(killed), "--ckpt_path", "last", "--data.init_args.seed", "1"])
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_an_error_not_a_fresh_start(tiny_llava_dir, data, tmp_path):
