@@ -291,6 +291,8 @@ class OnlineEditModule(LightningModule):
         #: stream sums of every diagnostic (per module) and of the edit fit, for metrics.json
         self._diagnostic_sums: dict[str, dict[str, float]] = {}
         self._diagnostic_count = 0
+        #: edits whose t_loc / m_loc had no answer and were left unscored (data.empty_locality: skip)
+        self._locality_skipped: dict[str, int] = {}
         self.strict_loading = False  # checkpoints hold only what the stream changed, not the frozen backbone
 
     @property
@@ -410,6 +412,8 @@ class OnlineEditModule(LightningModule):
             optimizer.optimizer.state.clear()
             apply_edit_state(self.model, optimizer.optimizer, self._initial_state)
         step = batch.index + 1
+        for name in batch.skip_locality:
+            self._locality_skipped[name] = self._locality_skipped.get(name, 0) + 1
         self._pending = {
             "edit": step,
             "record": batch.record,
@@ -650,6 +654,7 @@ class OnlineEditModule(LightningModule):
             "timings": list(self.timings),
             "diagnostic_sums": self._diagnostic_sums,
             "diagnostic_count": self._diagnostic_count,
+            "locality_skipped": dict(self._locality_skipped),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
@@ -680,6 +685,7 @@ class OnlineEditModule(LightningModule):
         self.timings = list(saved["timings"])
         self._diagnostic_sums = saved.get("diagnostic_sums", {})
         self._diagnostic_count = int(saved.get("diagnostic_count", 0))
+        self._locality_skipped = dict(saved.get("locality_skipped", {}))
         self._resume = saved
 
     def stream_failed(self, exception: BaseException) -> None:
@@ -793,6 +799,7 @@ class OnlineEditModule(LightningModule):
             "num_edits": self.edits_done if self.failure else len(self.timings),
             "protocol": "single" if self.single_edits else "sequential",
             "status": "failed" if self.failure else "complete",
+            "locality_skipped": {k: self._locality_skipped.get(k, 0) for k in LOC_KEYS},
             **({"failed_at": self.failure} if self.failure else {}),
             "headline": "held_out" if self._scored_held_out() else "seen",
             "immediate": self._totals(self.immediate, self.immediate["rel"]),

@@ -251,3 +251,23 @@ def test_an_edit_state_is_never_applied_twice(tiny_llava_dir, data, tmp_path):
     with safe_open(str(_run_dir(tmp_path, "captions") / "edit_state.safetensors"), "pt") as f:
         metadata = f.metadata()
     assert metadata["num_edits"] == "7" and len(set(json.loads(metadata["records"]))) == 7
+
+
+def test_empty_locality_answers_are_errors_unless_skipping_is_asked_for(tiny_llava_dir, data, tmp_path):
+    records = json.loads((data / "vqa_eval.json").read_text())
+    records[1]["loc_ans"] = " "
+    records[2]["m_loc_a"] = ""
+    (data / "vqa_eval.json").write_text(json.dumps(records))
+    config = _config(tmp_path, tiny_llava_dir, data)
+    with pytest.raises(DataFileError, match="record 1, field 'loc_ans'"):
+        cli.main(["fit", "--config", str(config)])
+    cli.main(["fit", "--config", str(config), "--data.init_args.empty_locality", "skip"])
+    run = next((tmp_path / "runs" / "stream").glob("version_*/metrics.json")).parent
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["locality_skipped"] == {"t_loc": 1, "m_loc": 1}
+    lines = [e for e in read_journal(run / "journal.jsonl") if "scores" in e]
+    by_record = {e["record"]: e["scores"] for e in lines}
+    assert "t_loc" not in by_record[1] and "m_loc" not in by_record[2] and "avg" not in by_record[1]
+    scored = [s["t_loc"] for s in by_record.values() if "t_loc" in s]
+    assert len(scored) == 3
+    assert metrics["immediate"]["t_loc"] == pytest.approx(sum(scored) / 3, abs=1e-4)

@@ -66,6 +66,7 @@ class EditStream(Dataset):
             record=r.index,
             record_sha256=r.sha256,
             expected_state_sha256=self.expected_state_sha256.get(index),
+            skip_locality=r.skip_locality,
         )
 
 
@@ -135,6 +136,9 @@ class EditStreamDataModule(LightningDataModule):
         replay_journal: a run's ``journal.jsonl``: stream exactly the edits it records as applied, in its order
             (``num_edits``, ``seed`` and ``shuffle`` are then not used). Every record must still hash as the
             journal says, and the module checks the editor-state hashes the journal recorded.
+        empty_locality: ``"error"`` (default): a record with an empty ``loc_ans``, ``m_loc_q`` or ``m_loc_a`` is an
+            error naming file, record and field; ``"skip"``: keep the record, leave that locality sample out of
+            the loss and the scores, and count it (``metrics.json``: ``locality_skipped``).
     """
 
     def __init__(
@@ -149,6 +153,7 @@ class EditStreamDataModule(LightningDataModule):
         check_images: bool = True,
         heldout_file: str | None = "auto",
         replay_journal: str | None = None,
+        empty_locality: str = "error",
     ) -> None:
         super().__init__()
         if num_edits is not None and num_edits < 1:
@@ -163,6 +168,9 @@ class EditStreamDataModule(LightningDataModule):
         self.check_images = check_images
         self.heldout_file = heldout_file
         self.replay_journal = replay_journal
+        if empty_locality not in ("error", "skip"):
+            raise ValueError(f"data.empty_locality must be 'error' or 'skip', got {empty_locality!r}")
+        self.empty_locality = empty_locality
         self.stream: EditStream | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -182,6 +190,7 @@ class EditStreamDataModule(LightningDataModule):
             m_loc_root=self.m_loc_root,
             check_images=self.check_images,
             heldout_file=heldout,
+            empty_locality=self.empty_locality,
         )
         if self.replay_journal:
             self.stream = self._replay_stream(records, path)

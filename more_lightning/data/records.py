@@ -71,6 +71,7 @@ class EditRecord:
     index: int = -1
     held_out: HeldOutRecord | None = None  # variants no loss uses; None without a companion file
     sha256: str = ""  # of the record as it stands in the file (see schema.record_sha256): journals name it
+    skip_locality: tuple[str, ...] = ()  # "t_loc" / "m_loc" left unscored (empty answer, opt-in), else ()
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,18 @@ class EditTuple:
     record_sha256: str = ""  # hash of that record as it stands in the file
     #: replaying a journal: the editor-state hash the journal recorded after this edit (None: not checked)
     expected_state_sha256: str | None = None
+    skip_locality: tuple[str, ...] = ()  # locality samples without an answer (opt-in skip): not in loss or scores
 
     def queries(self) -> dict[str, Query]:
-        """The five seen queries: the edit loss trains on all of them."""
-        return {"edit": self.edit, "t_gen": self.t_gen, "m_gen": self.m_gen, "t_loc": self.t_loc, "m_loc": self.m_loc}
+        """The seen queries the edit loss trains on: all five, less any skipped locality sample."""
+        queries = {
+            "edit": self.edit,
+            "t_gen": self.t_gen,
+            "m_gen": self.m_gen,
+            "t_loc": self.t_loc,
+            "m_loc": self.m_loc,
+        }
+        return {k: q for k, q in queries.items() if k not in self.skip_locality}
 
     def held_out_queries(self) -> dict[str, Query]:
         """The held-out ``t_gen`` / ``m_gen`` / ``t_loc`` / ``m_loc`` queries; empty without a companion."""

@@ -95,7 +95,7 @@ def _json_type(value: Any) -> str:
     return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def validate_record(raw: dict, where: str) -> None:
+def validate_record(raw: dict, where: str, empty_locality: str = "error") -> None:
     """Check one raw MMEdit record without touching the file system.
 
     Checks: ``raw`` is a dict; all 11 keys are present and hold strings; ``src``, ``alt``, ``loc_ans``,
@@ -106,18 +106,31 @@ def validate_record(raw: dict, where: str) -> None:
     Args:
         raw: the record as parsed from JSON.
         where: file name and record index for the error message, e.g. ``"vqa_eval.json record 17"``.
+        empty_locality: ``"error"``, or ``"skip"`` to accept empty ``loc_ans`` / ``m_loc_q`` / ``m_loc_a``
+            (see :func:`skipped_locality`).
 
     Raises:
         RecordError: naming ``where`` and the first offending field.
     """
+    if empty_locality not in ("error", "skip"):
+        raise ValueError(f"empty_locality must be 'error' or 'skip', got {empty_locality!r}")
     _check_string_fields(raw, where, MMEDIT_KEYS, "the 11 MMEdit keys")
     for key in REQUIRED_TEXT_FIELDS:
         if not raw[key].strip():
             what = "empty target" if key == "alt" else "empty prompt"
             raise RecordError(where, key, what, f"every record needs a non-empty {key!r}")
-    _check_locality_text(raw, where)
+    if empty_locality == "error":
+        _check_locality_text(raw, where)
     for key in IMAGE_FIELDS:
         _check_relative(raw[key].strip(), where, key)
+
+
+def skipped_locality(raw: dict) -> tuple[str, ...]:
+    """The locality samples of a record that cannot be scored: ``t_loc`` without ``loc_ans``, ``m_loc``
+    without ``m_loc_q`` or ``m_loc_a`` (the opt-in ``empty_locality="skip"`` leaves them out of the loss and
+    of the scores instead of refusing the record)."""
+    skipped = ("t_loc",) if not raw["loc_ans"].strip() else ()
+    return skipped + (("m_loc",) if not (raw["m_loc_q"].strip() and raw["m_loc_a"].strip()) else ())
 
 
 def _check_locality_text(raw: dict, where: str) -> None:
@@ -333,6 +346,7 @@ def read_mmedit(
     check_images: bool = True,
     limit: int | None = None,
     heldout_file: str | Path | None = None,
+    empty_locality: str = "error",
 ) -> list[EditRecord]:
     """Read and fully validate an MMEdit file (``.json`` list or ``.jsonl``), and its held-out companion if given.
 
@@ -347,6 +361,8 @@ def read_mmedit(
         limit: read only the first ``limit`` records (and validate only those).
         heldout_file: a held-out companion (see :func:`read_heldout`; usually :func:`heldout_path` of ``path``)
             to validate and attach as each record's ``held_out``; ``None``: no held-out variants.
+        empty_locality: ``"error"`` (default): an empty ``loc_ans``, ``m_loc_q`` or ``m_loc_a`` is a RecordError;
+            ``"skip"``: the record is kept and its unscorable locality sample listed in ``skip_locality``.
 
     Returns:
         One :class:`EditRecord` per record, in file order, with absolute image paths inside their roots.
@@ -369,13 +385,20 @@ def read_mmedit(
     checked: set[Path] = set()
     for index, raw in enumerate(raw_records):
         where = f"{path.name} record {index}"
-        validate_record(raw, where)
+        validate_record(raw, where, empty_locality)
         values, images = _fields(raw, where, MMEDIT_KEYS, IMAGE_FIELDS, roots, strip, check_images, checked)
+        skip = skipped_locality(raw) if empty_locality == "skip" else ()
         if values["alt"].strip() == values["pred"].strip():
             same_answer.append(index)
         _note_empty_text(values, MMEDIT_KEYS, IMAGE_FIELDS, index, empty_text)
         records.append(
-            EditRecord(**{**values, **images}, source=f"{path.name}#{index}", index=index, sha256=record_sha256(raw))
+            EditRecord(
+                **{**values, **images},
+                source=f"{path.name}#{index}",
+                index=index,
+                sha256=record_sha256(raw),
+                skip_locality=skip,
+            )
         )
     _warn_indices(path, same_answer, "have alt == pred, so their edit does not change the answer")
     _warn_empty_text(path, empty_text)
