@@ -41,6 +41,17 @@ def sherman_morrison(P: Tensor, z: Tensor, denom_offset: float = 1.0) -> Tensor:
     return P - torch.outer(u, u) / (denom_offset + z @ u)
 
 
+def woodbury(P: Tensor, Z: Tensor, denom_offset: float = 1.0) -> Tensor:
+    """``n`` rank-one updates of :func:`sherman_morrison` at once: ``P - P Zᵀ (c I + Z P Zᵀ)⁻¹ Z P``.
+
+    ``Z`` (n, r) holds the keys as rows; equal to folding them in one by one (Woodbury identity), with one
+    n × n solve instead of n sequential updates (``pool: false`` feeds every key row of an edit).
+    """
+    U = Z @ P  # (n, r); P symmetric, so (P Zᵀ)ᵀ
+    inner = denom_offset * torch.eye(Z.shape[0], dtype=P.dtype, device=P.device) + U @ Z.T  # (n, n)
+    return P - U.T @ torch.linalg.solve(inner, U)
+
+
 def key_spectrum(P: Tensor, lam: float, prior: Prior) -> Tensor:
     """Eigenvalues of the key statistics S = Σ z zᵀ behind a preconditioner P, ascending, clipped at 0.
 
@@ -180,9 +191,7 @@ class MOREOptimizer(torch.optim.Optimizer):
         Z = keys @ A.T  # (n, r) projected keys
         self._edit_keys[group["name"]] = Z
         offset = 1.0 if self.prior == "paper" else group["lam"]
-        P = state["P"]
-        for z in Z:
-            P = sherman_morrison(P, z, offset)
+        P = sherman_morrison(state["P"], Z[0], offset) if Z.shape[0] == 1 else woodbury(state["P"], Z, offset)
         state["P"] = 0.5 * (P + P.T)  # keep exactly symmetric against round-off drift
         state["num_keys"] += Z.shape[0]
 

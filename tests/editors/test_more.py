@@ -212,3 +212,19 @@ def test_lora_ft_and_unwritten_modules_report_plain_steps():
     assert diag["text"]["removed_share"] == pytest.approx(0.0, abs=1e-7)
     assert diag["text"]["delta_norm"] == pytest.approx(0.5 * float(text.lora_B.grad.norm()), rel=1e-5)
     assert diag["proj"] == {"delta_norm": 0.0}  # no gradient, no write, no statistics
+
+
+@pytest.mark.parametrize("offset", [1.0, 7.0])
+def test_woodbury_block_update_equals_sequential_sherman_morrison_and_the_dense_inverse(offset):
+    from more_lightning.editors.more import woodbury
+
+    r = 10
+    P0 = torch.eye(r, dtype=torch.float64) / 3.0
+    Z = torch.randn(13, r, dtype=torch.float64) * 4
+    sequential = P0
+    for z in Z:
+        sequential = sherman_morrison(sequential, z, offset)
+    block = woodbury(P0, Z, offset)
+    dense = torch.linalg.inv(torch.linalg.inv(P0) + Z.T @ Z / offset)  # (P0⁻¹ + ZᵀZ / c)⁻¹
+    torch.testing.assert_close(block, sequential, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(block, dense, atol=1e-12, rtol=1e-10)
