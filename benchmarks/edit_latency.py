@@ -72,6 +72,9 @@ def main() -> None:
     print(f"median s/edit, edits 1-{window}: {statistics.median(first):.4f}")
     print(f"median s/edit, edits {n - window + 1}-{n}: {statistics.median(last):.4f}")
     print(f"ratio last/first: {statistics.median(last) / statistics.median(first):.3f}")
+    step = max(n // 10, 1)
+    windows = [statistics.median(t["edit_seconds"] for t in timings[i : i + step]) for i in range(0, n, step)]
+    print(f"median s/edit per {step} edits: " + " ".join(f"{w:.4f}" for w in windows))
     print(
         f"editor share (statistics + write): {100 * editor / total:.1f}% of per-edit time "
         f"({1000 * editor / n:.2f} ms of {1000 * total / n:.2f} ms per edit); "
