@@ -55,8 +55,8 @@ class BreakTracker(Callback):
         self.queries.append(pl_module.encode(batch)["edit"])
         modality = {p.path: p.modality for p in pl_module.edit_points}
         diag = pl_module.last_diagnostics
-        top = max(diag, key=lambda m: diag[m].get("delta_norm", 0.0)) if diag else None
-        self.moved.append(modality.get(top, "?") if top else "?")
+        top = max(diag, key=lambda m: diag[m].get("delta_norm", 0.0), default=None)
+        self.moved.append(modality.get(top, "?"))
         self.held.append(self._holds(pl_module, self.queries[j]))
         for i in range(j):
             now = self._holds(pl_module, self.queries[i])

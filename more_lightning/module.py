@@ -40,6 +40,7 @@ import os
 import random
 import tempfile
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,18 +138,16 @@ def split_by_shared_question(per_edit: list[tuple[str, dict[str, float]]]) -> di
     their text can only be told apart by the image, so the split tells binding to the image apart from
     writing the answer.
     """
-    counts: dict[str, int] = {}
-    for text, _ in per_edit:
-        key = " ".join(text.lower().split())
-        counts[key] = counts.get(key, 0) + 1
+    keys = [" ".join(text.lower().split()) for text, _ in per_edit]  # case and spacing do not count
+    counts = Counter(keys)
     groups: dict[str, list[dict[str, float]]] = {"shared": [], "unique": []}
-    for text, scores in per_edit:
-        groups["shared" if counts[" ".join(text.lower().split())] > 1 else "unique"].append(scores)
+    for key, (_, scores) in zip(keys, per_edit, strict=True):
+        groups["shared" if counts[key] > 1 else "unique"].append(scores)
     out = {}
     for name, rows in groups.items():
         if rows:
-            keys = [k for k in rows[0] if all(k in r for r in rows)]
-            out[name] = {"num_edits": len(rows), **{k: sum(r[k] for r in rows) / len(rows) for k in keys}}
+            common = [k for k in rows[0] if all(k in r for r in rows)]
+            out[name] = {"num_edits": len(rows), **{k: sum(r[k] for r in rows) / len(rows) for k in common}}
     return out
 
 
@@ -278,6 +277,9 @@ class OnlineEditModule(LightningModule):
         self._prior_records: list[str] = []
         self._prior_hashes: set[str] = set()
         self._resume: dict | None = None  # the checkpoint's stream payload, until the stream restarts
+        self._stream_sha = ""  # hash of this stream's record hashes in order, set when the stream starts
+        self._checkpoint_at = 0  # edits the latest checkpoints/last.ckpt holds (0: none)
+        self._retained_by_question: dict[str, dict[str, float]] = {}
         self._journal: Journal | None = None
         self._current: EditTuple | None = None  # the edit being applied
         self._mid_edit = False  # from an edit's first write until its journal line: the state is mid-edit
@@ -401,8 +403,9 @@ class OnlineEditModule(LightningModule):
         loss, editor_seconds = self.write(optimizer, inputs, refs)
         edit_seconds = time.perf_counter() - start
         self.timings.append({"edit_seconds": edit_seconds, "editor_seconds": editor_seconds})
-        fit = self._edit_fit_record(inputs["edit"])
-        scores = self.evaluate(inputs, refs, self.immediate)
+        fits: dict[str, dict[str, float]] = {}
+        scores = self.evaluate(inputs, refs, self.immediate, fits)
+        fit = self._record_fit(fits["edit"])
         held = self.evaluate_held_out(held_inputs, held_refs, self.immediate_held_out, rel=scores["rel"])
         if self.retention:  # the retention pass needs them; nothing else does
             self._references[batch.index] = _to_cpu(refs)
@@ -444,10 +447,8 @@ class OnlineEditModule(LightningModule):
         )
         return loss
 
-    @torch.no_grad()
-    def _edit_fit_record(self, edit: ModelInputs) -> dict[str, float]:
-        """This edit's NLL and margin before and after its write; added to the stream sums."""
-        after = edit_fit(self.logits(edit), edit.labels)
+    def _record_fit(self, after: dict[str, float]) -> dict[str, float]:
+        """This edit's NLL and margin before and after its write; it and the write diagnostics join the stream sums."""
         fit = {f"{k}_before": v for k, v in self._fit_before.items()} | {f"{k}_after": v for k, v in after.items()}
         self._diagnostic_count += 1
         rows = {"edit_fit": fit, **self.last_diagnostics}
@@ -487,15 +488,23 @@ class OnlineEditModule(LightningModule):
 
     @torch.no_grad()
     def evaluate(
-        self, inputs: dict[str, ModelInputs], refs: dict[str, Reference], metrics: torch.nn.ModuleDict
+        self,
+        inputs: dict[str, ModelInputs],
+        refs: dict[str, Reference],
+        metrics: torch.nn.ModuleDict,
+        fits: dict[str, dict[str, float]] | None = None,
     ) -> dict[str, float]:
         """Scores of one edit in percent; also accumulated into ``metrics``.
 
-        ``avg`` is added when ``inputs`` hold all five queries (the seen set).
+        ``avg`` is added when ``inputs`` hold all five queries (the seen set). With ``fits``, the edit query's
+        :func:`edit_fit` is put there under ``"edit"`` from the same forward.
         """
         scores = {}
         for name, query in inputs.items():
-            logits, labels = shift_for_loss(self.logits(query), query.labels)
+            raw = self.logits(query)
+            if fits is not None and name == "edit":
+                fits[name] = edit_fit(raw, query.labels)
+            logits, labels = shift_for_loss(raw, query.labels)
             key = SCORE_OF[name]
             if name in EDIT_KEYS:
                 metrics[key].update(logits, labels)
@@ -537,6 +546,7 @@ class OnlineEditModule(LightningModule):
     @override
     def on_train_start(self) -> None:
         stream = self._stream_records()
+        self._stream_sha = _stream_sha256(stream or [])
         if self._resume is not None:
             self._continue_stream(stream)  # refuses another stream's checkpoint
             if self.edits_done >= self.trainer.num_training_batches:
@@ -564,7 +574,7 @@ class OnlineEditModule(LightningModule):
         return {
             "event": "start",
             "editor": type(self.editor).__name__,
-            "backbone": f"{type(self.backbone).__name__}:{self.backbone.path}",
+            "backbone": self._backbone_name(),
             "data_file": str(getattr(dm, "data_file", "")),
             "num_edits": self.trainer.num_training_batches,
             "load_edit_state": self.load_edit_state,
@@ -574,7 +584,7 @@ class OnlineEditModule(LightningModule):
 
     def _continue_stream(self, stream: list[str] | None) -> None:
         saved = self._resume
-        if stream is not None and saved["stream_sha256"] != _stream_sha256(stream):
+        if stream is not None and saved["stream_sha256"] != self._stream_sha:
             raise StreamError(
                 f"checkpoint {self.trainer.ckpt_path} was written by another stream (its data file, seed, "
                 "num_edits or order differ from this run's): resume with the run's own config, "
@@ -602,8 +612,10 @@ class OnlineEditModule(LightningModule):
         done = self.edits_done + 1
         save = done == self.trainer.num_training_batches or (self.save_every and done % self.save_every == 0)
         entry, self._pending = self._pending or {}, None
+        state = None
         if save or batch.expected_state_sha256:
-            entry["state_sha256"] = state_sha256(edit_state_dict(self.model, self.optimizers().optimizer))
+            state = edit_state_dict(self.model, self.optimizers().optimizer)
+            entry["state_sha256"] = state_sha256(state)
             if batch.expected_state_sha256 and entry["state_sha256"] != batch.expected_state_sha256:
                 raise StreamError(
                     f"replay diverged at edit {done} ({batch.source}): the editor state hashes to "
@@ -617,7 +629,7 @@ class OnlineEditModule(LightningModule):
             self._applied.append(batch.record_sha256)
         self._mid_edit = False
         if save:
-            self.save_edit_state()
+            self.save_edit_state(state)
             self.save_stream_checkpoint()
         self._current = None
 
@@ -631,18 +643,18 @@ class OnlineEditModule(LightningModule):
         path = self.checkpoint_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.trainer.save_checkpoint(path, weights_only=False)  # with optimizer state; written atomically
+        self._checkpoint_at = self.edits_done
         return path
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        stream = self._stream_records() or []
         checkpoint["edit_stream"] = {
             "edits_done": self.edits_done,
             "applied_records": list(self._applied),
             "prior_records": list(self._prior_records),
-            "stream_sha256": _stream_sha256(stream),
+            "stream_sha256": self._stream_sha,
             "editor": type(self.editor).__name__,
             "backbone": self._backbone_name(),
             "metrics": {
@@ -674,7 +686,7 @@ class OnlineEditModule(LightningModule):
                     f"the checkpoint was written with {key} {saved[key]}, this run has {value}: resume with the "
                     "run's own config (<run folder>/config.yaml)"
                 )
-        self.edits_done = int(saved["edits_done"])
+        self.edits_done = self._checkpoint_at = int(saved["edits_done"])
         self._applied = list(saved["applied_records"])
         self._prior_records = list(saved["prior_records"])
         self._prior_hashes = set(self._prior_records)
@@ -705,17 +717,15 @@ class OnlineEditModule(LightningModule):
         saved = []
         if not self._mid_edit and self.edits_done:
             saved += [str(self.save_edit_state()), str(self.save_stream_checkpoint())]
-        if self._journal is not None:
-            self._journal.write({"event": "failed", **self.failure, "time": now()})
-            self._journal.close()
-            saved.append(str(self._journal.path))
+        self._journal.write({"event": "failed", **self.failure, "time": now()})
+        self._journal.close()
+        saved.append(str(self._journal.path))
         self.summary = self._summary()
         self._write_summary()
         saved.append(str(self.run_dir() / "metrics.json"))
-        resume = self.checkpoint_path()
         how = (
             f"python cli.py fit --config {self.run_dir() / 'config.yaml'} --ckpt_path last"
-            if resume.is_file()
+            if self._checkpoint_at
             else "no checkpoint yet: run the stream again"
         )
         log.error(
@@ -727,16 +737,9 @@ class OnlineEditModule(LightningModule):
             ", in the middle of the edit" if self._mid_edit else "",
             self.failure["error"],
             ", ".join(saved),
-            self._checkpoint_edits(resume),
+            self._checkpoint_at or "none",
             how,
         )
-
-    @staticmethod
-    def _checkpoint_edits(path: Path) -> str:
-        if not path.is_file():
-            return "none"
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        return str(saved["edit_stream"]["edits_done"])
 
     # --- after the stream ------------------------------------------------------------------------
     @override
@@ -807,7 +810,7 @@ class OnlineEditModule(LightningModule):
             "locality_agreement": self._agreement(self.immediate, self.retained),
             "exact_match": {"immediate": self._exact(self.immediate), "retention": self._exact(self.retained)},
             "seconds_per_edit": float(sum(seconds) / len(seconds)) if seconds else 0.0,
-            "retention_by_question": getattr(self, "_retained_by_question", {}),
+            "retention_by_question": self._retained_by_question,
             "diagnostics": {
                 group: {k: v / self._diagnostic_count for k, v in sums.items()}
                 for group, sums in self._diagnostic_sums.items()
@@ -854,14 +857,17 @@ class OnlineEditModule(LightningModule):
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir
 
-    def save_edit_state(self) -> Path | None:
-        """Atomically write the editor's weights and statistics to ``edit_state.safetensors``."""
+    def save_edit_state(self, state: dict[str, Tensor] | None = None) -> Path | None:
+        """Atomically write the editor's weights and statistics to ``edit_state.safetensors``.
+
+        ``state``: the :func:`edit_state_dict` already taken of the current model, if any.
+        """
         if self.trainer is None or not self.trainer.is_global_zero:
             return None
         path = self.run_dir() / "edit_state.safetensors"
         records = self._prior_records + self._applied
         metadata = {"num_edits": str(len(records)), "records": json.dumps(records)}
-        save_edit_state(self.model, self.optimizers().optimizer, path, metadata)
+        save_edit_state(self.model, self.optimizers().optimizer, path, metadata, state)
         return path
 
     def _log_scalars(self, scalars: dict[str, float], step: int) -> None:

@@ -1,9 +1,11 @@
-"""Callbacks that tests hand to ``cli.py`` subprocesses (``--trainer.callbacks+=...``)."""
+"""Helpers for stream tests: a callback that tests hand to ``cli.py`` subprocesses (``--trainer.callbacks+=...``)
+and the config of a small stream."""
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 from lightning.pytorch import Callback
 
@@ -17,3 +19,53 @@ class KillAfterEdit(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx + 1 == self.edit:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stream_config(
+    path: Path,
+    model_dir: Path,
+    data: Path,
+    *,
+    data_file: str = "vqa_eval.json",
+    num_edits: int = 3,
+    editor: str = "{r: 16, alpha: 32, eta: 1.0, lam: 1.0, prior: public}",
+    save_every: int = 0,
+    name: str = "lightning_logs",
+) -> Path:
+    """Write a CLI config for an M-ORE stream on a tiny LLaVA over MMEdit-schema files in ``data``; returns it.
+
+    Runs go under ``<path's folder>/runs/<name>/version_N``.
+    """
+    path.write_text(
+        f"""
+seed_everything: 0
+model:
+  class_path: more_lightning.module.OnlineEditModule
+  init_args:
+    task: evqa
+    save_every: {save_every}
+    backbone:
+      class_path: more_lightning.backbones.llava.LlavaBackbone
+      init_args: {{path: {model_dir}, num_text_layers: 2}}
+    editor:
+      class_path: more_lightning.editors.more.MORE
+      init_args: {editor}
+data:
+  class_path: more_lightning.data.datamodule.EditStreamDataModule
+  init_args:
+    data_file: {data / data_file}
+    image_root: {data / "coco"}
+    rephrase_root: {data / "rephrase"}
+    num_edits: {num_edits}
+trainer:
+  max_epochs: 1
+  accelerator: cpu
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: {path.parent / "runs"}, name: {name}}}
+"""
+    )
+    return path

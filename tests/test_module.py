@@ -18,6 +18,7 @@ from more_lightning.keys import KeyCapture
 from more_lightning.module import OnlineEditModule
 
 from .conftest import MMEDIT
+from .stream_helpers import stream_config
 
 
 def _stream(num_edits=3):
@@ -111,37 +112,7 @@ def _tb_tags(run_dir: Path) -> set[str]:
 
 
 def test_three_edit_stream_through_cli_writes_scalars_and_metrics_json(tiny_llava_dir, tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        f"""
-model:
-  class_path: more_lightning.module.OnlineEditModule
-  init_args:
-    task: evqa
-    backbone:
-      class_path: more_lightning.backbones.llava.LlavaBackbone
-      init_args: {{path: {tiny_llava_dir}, num_text_layers: 2}}
-    editor:
-      class_path: more_lightning.editors.more.MORE
-      init_args: {{r: 16, alpha: 32, eta: 1.0, lam: 1.0, prior: public}}
-data:
-  class_path: more_lightning.data.datamodule.EditStreamDataModule
-  init_args:
-    data_file: {MMEDIT / "vqa_eval.json"}
-    image_root: {MMEDIT / "coco"}
-    rephrase_root: {MMEDIT / "rephrase"}
-    num_edits: 3
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  enable_checkpointing: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {tmp_path / "runs"}}}
-"""
-    )
+    config = stream_config(tmp_path / "run.yaml", tiny_llava_dir, MMEDIT)
     cli.main(["fit", "--config", str(config), "--model.init_args.editor.init_args.lam", "2.0"])
     run_dir = next((tmp_path / "runs").rglob("metrics.json")).parent
     metrics = json.loads((run_dir / "metrics.json").read_text())

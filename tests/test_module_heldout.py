@@ -25,6 +25,7 @@ from more_lightning.editors.more import MORE
 from more_lightning.editors.state import edit_state_dict
 from tests.heldout_companion import copy_fixtures, write_companion
 
+from .stream_helpers import stream_config
 from .test_module import _manual_module, _tb_tags
 
 HELD_OUT = ("t_gen", "m_gen", "t_loc", "m_loc")
@@ -201,37 +202,7 @@ def _results_table():
 
 
 def test_stream_through_cli_writes_held_out_metrics_and_tags(tiny_llava_dir, data, tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        f"""
-model:
-  class_path: more_lightning.module.OnlineEditModule
-  init_args:
-    task: evqa
-    backbone:
-      class_path: more_lightning.backbones.llava.LlavaBackbone
-      init_args: {{path: {tiny_llava_dir}, num_text_layers: 2}}
-    editor:
-      class_path: more_lightning.editors.more.MORE
-      init_args: {{r: 16, alpha: 32, eta: 1.0, lam: 1.0, prior: public}}
-data:
-  class_path: more_lightning.data.datamodule.EditStreamDataModule
-  init_args:
-    data_file: {data / "vqa_eval.json"}
-    image_root: {data / "coco"}
-    rephrase_root: {data / "rephrase"}
-    num_edits: 3
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  enable_checkpointing: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {tmp_path / "runs"}}}
-"""
-    )
+    config = stream_config(tmp_path / "run.yaml", tiny_llava_dir, data)
     cli.main(["fit", "--config", str(config)])
     run_dir = next((tmp_path / "runs").rglob("metrics.json")).parent
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -21,45 +21,16 @@ from more_lightning.journal import applied_edits, read_journal
 from more_lightning.module import StreamError
 
 from .conftest import MMEDIT
+from .stream_helpers import stream_config
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _config(tmp: Path, model_dir: Path, data: Path, name: str = "stream", task_file: str = "vqa_eval.json") -> Path:
-    config = tmp / f"{name}.yaml"
-    config.write_text(
-        f"""
-seed_everything: 0
-model:
-  class_path: more_lightning.module.OnlineEditModule
-  init_args:
-    task: evqa
-    save_every: 2
-    backbone:
-      class_path: more_lightning.backbones.llava.LlavaBackbone
-      init_args: {{path: {model_dir}, num_text_layers: 2}}
-    editor:
-      class_path: more_lightning.editors.more.MORE
-      init_args: {{r: 8, alpha: 16, eta: 1.0, lam: 1.0, prior: public}}
-data:
-  class_path: more_lightning.data.datamodule.EditStreamDataModule
-  init_args:
-    data_file: {data / task_file}
-    image_root: {data / "coco"}
-    rephrase_root: {data / "rephrase"}
-    num_edits: 4
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  enable_checkpointing: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {tmp / "runs"}, name: {name}}}
-"""
+    editor = "{r: 8, alpha: 16, eta: 1.0, lam: 1.0, prior: public}"
+    return stream_config(
+        tmp / f"{name}.yaml", model_dir, data, data_file=task_file, num_edits=4, editor=editor, save_every=2, name=name
     )
-    return config
 
 
 @pytest.fixture()

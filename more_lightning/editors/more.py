@@ -151,7 +151,7 @@ class MOREOptimizer(torch.optim.Optimizer):
         # this edit's tensors for :meth:`edit_diagnostics`, kept by reference (no work in the timed write)
         self._edit_keys: dict[str, Tensor] = {}  # projected keys Z
         self._first_grads: dict[str, Tensor] = {}  # G at the first inner step
-        self._first_writes: dict[str, tuple[Tensor, Tensor]] = {}  # (G, ΔB) of the first inner step
+        self._first_writes: dict[str, Tensor] = {}  # ΔB of the first inner step
         self._edit_deltas: dict[str, list[Tensor]] = {}  # every ΔB of this edit
         self._first_step = True
         self._A: dict[str, Tensor] = {}  # A in stats_dtype, per module (A is fixed unless trained)
@@ -249,11 +249,10 @@ class MOREOptimizer(torch.optim.Optimizer):
                 diag["z_sq"] = float(self._edit_keys[name].pow(2).sum(dim=1).mean())
                 diag["z_sq_over_lam"] = diag["z_sq"] / group["lam"]
             if name in self._first_grads:
-                diag["grad_norm"] = float(self._first_grads[name].double().norm())
-            if name in self._first_writes:  # the share of the raw step -ηG that P removed: 1 - ‖GP‖ / ‖G‖
-                G, delta = self._first_writes[name]
-                g_norm = float(G.norm())
-                diag["removed_share"] = 1.0 - float(delta.norm()) / (group["eta"] * g_norm) if g_norm else 0.0
+                g_norm = diag["grad_norm"] = float(self._first_grads[name].double().norm())
+                if name in self._first_writes:  # the share of the raw step -ηG that P removed: 1 - ‖GP‖ / ‖G‖
+                    delta_norm = float(self._first_writes[name].norm())
+                    diag["removed_share"] = 1.0 - delta_norm / (group["eta"] * g_norm) if g_norm else 0.0
             deltas = self._edit_deltas.get(name)
             diag["delta_norm"] = float(torch.stack(deltas).sum(0).norm()) if deltas else 0.0
             if self.precondition:
@@ -294,7 +293,7 @@ class MOREOptimizer(torch.optim.Optimizer):
             else:  # LoRA-FT: P = I, nothing to keep
                 delta = -group["eta"] * G
             if first:
-                self._first_writes[group["name"]] = (G, delta)
+                self._first_writes[group["name"]] = delta
             self._edit_deltas.setdefault(group["name"], []).append(delta)
             B.add_(delta.to(B.dtype))
             if len(group["params"]) > 1:  # freeze_A=False ablation: A follows its plain gradient

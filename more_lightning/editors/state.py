@@ -29,13 +29,18 @@ def edit_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
 
 
 def save_edit_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path, metadata: dict[str, str] | None = None
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """Write :func:`edit_state_dict` (or ``state``, that dict already taken) atomically to ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(edit_state_dict(model, optimizer), tmp, metadata=metadata)
+        save_file(edit_state_dict(model, optimizer) if state is None else state, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
