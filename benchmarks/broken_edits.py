@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stream_run import run_probed_stream
 
-from more_lightning.backbones.base import shift_for_loss
+from more_lightning.contract import shift_for_loss
 
 
 class BreakTracker(Callback):

@@ -38,6 +38,7 @@ from callbacks.base import (
     output_tensor,
     token_rows,
 )
+from more_lightning.contract import EditEngine
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class CrossModalStatistics(AnalysisCallback):
         self.num_layers = 0
 
     # --- probing ---------------------------------------------------------------------------------
-    def _encode_probes(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _encode_probes(self, trainer: Trainer, pl_module: EditEngine) -> None:
         dataset = trainer.train_dataloader.dataset
         n = min(self.num_samples, len(dataset))
         picks = sorted({round(i * (len(dataset) - 1) / max(n - 1, 1)) for i in range(n)})
@@ -129,10 +130,9 @@ class CrossModalStatistics(AnalysisCallback):
         for i in picks:
             queries = dataset[i].queries()
             for kind in ("edit", "m_loc"):
-                query = pl_module.backbone.encode(pl_module.processor, queries[kind], pl_module.image_token_id)
-                self.probes.append(query.to(pl_module.device, pl_module.model.dtype))
+                self.probes.append(pl_module.encode_query(queries[kind]))
 
-    def _watched(self, pl_module: LightningModule) -> dict[str, tuple[nn.Module, str, str]]:
+    def _watched(self, pl_module: EditEngine) -> dict[str, tuple[nn.Module, str, str]]:
         """name -> (module, what to record: "keys" | "output", modality of its rows: text/image/sequence)."""
         model = pl_module.model
 
@@ -187,7 +187,7 @@ class CrossModalStatistics(AnalysisCallback):
             for h in handles:
                 h.remove()
 
-    def collect(self, pl_module: LightningModule) -> dict[str, Moments]:
+    def collect(self, pl_module: EditEngine) -> dict[str, Moments]:
         """Moments of every watched module over the probe set: ``"<name>|<text|image>"`` -> Moments."""
         moments: dict[str, Moments] = {}
         current: dict[str, Tensor] = {}
@@ -199,7 +199,7 @@ class CrossModalStatistics(AnalysisCallback):
                 pl_module.logits(query)
         return moments
 
-    def scalars(self, moments: dict[str, Moments], pl_module: LightningModule) -> dict[str, float]:
+    def scalars(self, moments: dict[str, Moments], pl_module: EditEngine) -> dict[str, float]:
         out: dict[str, float] = {}
         for point in pl_module.edit_points:
             for side in ("text", "image"):
@@ -249,7 +249,7 @@ class CrossModalStatistics(AnalysisCallback):
         summary = {"before": self.history[0][1], "final": self.history[-1][1], "edit": self.history[-1][0]}
         self.publish(trainer, self.draw(pl_module), summary)
 
-    def draw(self, pl_module: LightningModule):
+    def draw(self, pl_module: EditEngine):
         """Top: log-variance densities (text vs image keys; before dashed, final solid). Bottom: energies."""
         from matplotlib.figure import Figure
 

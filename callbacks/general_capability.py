@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from callbacks.base import AnalysisCallback, integer_ticks, new_figure, observing
+from more_lightning.contract import EditEngine
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class GeneralCapability(AnalysisCallback):
                 kept.append(item)
         return kept
 
-    def _encode(self, pl_module: LightningModule, i: int):
+    def _encode(self, pl_module: EditEngine, i: int):
         if i in self._cache:
             return self._cache[i]
         from more_lightning.data.records import Query
@@ -102,13 +103,12 @@ class GeneralCapability(AnalysisCallback):
 
         item = self.items[i]
         query = Query(item.question, self.yes_answer, load_image(item.image))
-        inputs = pl_module.backbone.encode(pl_module.processor, query, pl_module.image_token_id)
-        inputs = inputs.to(pl_module.device, pl_module.model.dtype)
+        inputs = pl_module.encode_query(query)
         if self.cache_inputs:
             self._cache[i] = inputs
         return inputs
 
-    def evaluate(self, pl_module: LightningModule) -> dict[str, float]:
+    def evaluate(self, pl_module: EditEngine) -> dict[str, float]:
         """Scalars ``mme/<category>/{acc,acc_plus,score}``, ``mme/total_score``, ``mme/mean_acc``, ``mme/yes_rate``."""
         from more_lightning.metrics.mme import mme_scores, yes_no_correct
 

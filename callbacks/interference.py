@@ -39,6 +39,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from callbacks.base import AnalysisCallback, integer_ticks, new_figure, observing
+from more_lightning.contract import EditEngine
 
 log = logging.getLogger(__name__)
 
@@ -296,18 +297,17 @@ class Interference(AnalysisCallback):
 
     # --- forgetting ------------------------------------------------------------------------------
     @staticmethod
-    def _reliability(pl_module: LightningModule, batch) -> float:
+    def _reliability(pl_module: EditEngine, batch) -> float:
         """Teacher-forced token accuracy (%) of the edit target on the edit input, observed only."""
-        from more_lightning.backbones.base import shift_for_loss
+        from more_lightning.contract import shift_for_loss
         from more_lightning.metrics.accuracy import token_accuracy
 
         with observing(pl_module.model):
-            query = pl_module.backbone.encode(pl_module.processor, batch.edit, pl_module.image_token_id)
-            query = query.to(pl_module.device, pl_module.model.dtype)
+            query = pl_module.encode_query(batch.edit)
             logits, labels = shift_for_loss(pl_module.logits(query), query.labels)
             return 100 * float(token_accuracy(logits.float(), labels)[0])
 
-    def _remeasure(self, trainer: Trainer, pl_module: LightningModule) -> dict[int, float]:
+    def _remeasure(self, trainer: Trainer, pl_module: EditEngine) -> dict[int, float]:
         dataset = trainer.train_dataloader.dataset
         return {i: self._reliability(pl_module, dataset[i]) for i in sorted(self.immediate_rel)}
 

@@ -34,6 +34,7 @@ from callbacks.base import (
     output_tensor,
     token_rows,
 )
+from more_lightning.contract import EditEngine
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class RepresentationShift(AnalysisCallback):
         self.history: list[tuple[int, dict[str, float]]] = []
 
     # --- probing ---------------------------------------------------------------------------------
-    def _encode_probes(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _encode_probes(self, trainer: Trainer, pl_module: EditEngine) -> None:
         dataset = trainer.train_dataloader.dataset
         n = min(self.num_samples, len(dataset))
         picks = sorted({round(i * (len(dataset) - 1) / max(n - 1, 1)) for i in range(n)})
@@ -125,8 +126,7 @@ class RepresentationShift(AnalysisCallback):
         for i in picks:
             queries = dataset[i].queries()
             for kind in PROBES:
-                query = pl_module.backbone.encode(pl_module.processor, queries[kind], pl_module.image_token_id)
-                self.probes.append(query.to(pl_module.device, pl_module.model.dtype))
+                self.probes.append(pl_module.encode_query(queries[kind]))
                 self.kinds.append(kind)
 
     def _resolve_layers(self, num_layers: int) -> list[int]:
@@ -141,7 +141,7 @@ class RepresentationShift(AnalysisCallback):
             resolved.append(layer % num_layers)
         return sorted(set(resolved))
 
-    def states(self, pl_module: LightningModule) -> dict[int, Tensor]:
+    def states(self, pl_module: EditEngine) -> dict[int, Tensor]:
         """Pooled hidden states of every probe: layer -> (n, d) float32 on CPU."""
         model = pl_module.model
         template = self.layer_module or layer_template(pl_module.backbone)

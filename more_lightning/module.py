@@ -54,7 +54,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from more_lightning.backbones.base import Backbone, ModelInputs, shift_for_loss
+from more_lightning.backbones.base import Backbone, ModelInputs
+from more_lightning.contract import shift_for_loss
 from more_lightning.data.records import EditTuple, Query
 from more_lightning.editors.base import Editor
 from more_lightning.editors.state import apply_edit_state, edit_state_dict, load_edit_state, save_edit_state
@@ -209,6 +210,8 @@ def _stream_sha256(hashes: list[str]) -> str:
 class OnlineEditModule(LightningModule):
     """Runs an online edit stream with any editor on any backbone.
 
+    What callbacks and editors may read of it is :class:`~more_lightning.contract.EditEngine`.
+
     Args:
         backbone: where the model lives, where to edit it and how to build its inputs.
         editor: the editor (M-ORE, LoRA-FT, FT-L, ...).
@@ -315,6 +318,7 @@ class OnlineEditModule(LightningModule):
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optimizer = self.editor.configure_optimizer()
+        self.editor.prepare(optimizer, self)  # e.g. retain keys; a loaded edit state or checkpoint replaces them
         if self.load_edit_state and self._resume is None:  # a checkpoint already holds it, and more
             metadata = load_edit_state(self.model, optimizer, self.load_edit_state)
             self._prior_records = json.loads(metadata.get("records", "[]"))
@@ -345,12 +349,15 @@ class OnlineEditModule(LightningModule):
         """The held-out ``t_gen`` / ``m_gen`` / ``t_loc`` / ``m_loc`` queries, encoded; empty without a companion."""
         return self._encode(batch.held_out_queries(), f"{batch.source} (held-out companion)")
 
+    def encode_query(self, query: Query) -> ModelInputs:
+        """``query`` tokenised by the backbone, on the model's device, floats in the model's dtype."""
+        return self.backbone.encode(self.processor, query, self.image_token_id).to(self.device, self.model.dtype)
+
     def _encode(self, queries: dict[str, Query], source: str = "") -> dict[str, ModelInputs]:
-        dtype = self.model.dtype
         encoded = {}
         for name, q in queries.items():
             try:
-                encoded[name] = self.backbone.encode(self.processor, q, self.image_token_id).to(self.device, dtype)
+                encoded[name] = self.encode_query(q)
             except Exception as exc:
                 raise StreamError(
                     f"{source or 'edit'}, fields {QUERY_FIELDS.get(name, name)}: cannot build the {name} query "

@@ -8,17 +8,28 @@ import torch
 import torch.nn.functional as F
 
 import cli
-from more_lightning.backbones.base import shift_for_loss
 from more_lightning.backbones.llava import LlavaBackbone
+from more_lightning.contract import shift_for_loss
 from more_lightning.data.datamodule import EditStreamDataModule
-from more_lightning.editors.finetune import FTL
-from more_lightning.editors.more import MORE, LoRAFT
+from more_lightning.editors.alphaedit import AlphaEdit
+from more_lightning.editors.ft_l import FTL
+from more_lightning.editors.ft_m import FTM
+from more_lightning.editors.lora_ft import LoRAFT
+from more_lightning.editors.more import MORE
 from more_lightning.editors.state import edit_state_dict
 from more_lightning.keys import KeyCapture
 from more_lightning.module import OnlineEditModule
 
 from .conftest import MMEDIT
 from .stream_helpers import stream_config
+
+#: AlphaEdit's retain keys from the fixture's train files (two records each)
+ALPHAEDIT_RETAIN = {
+    "retain_files": [str(MMEDIT / "vqa_train.json"), str(MMEDIT / "caption_train_edit.json")],
+    "image_root": str(MMEDIT / "coco"),
+    "rephrase_root": str(MMEDIT / "rephrase"),
+    "retain_records": 2,
+}
 
 
 def _stream(num_edits=3):
@@ -68,8 +79,10 @@ def _manual_module(tiny_llava_dir, editor, monkeypatch, **kwargs):
         MORE(r=16, alpha=32, eta=50.0, lam=1.0, prior="paper"),
         LoRAFT(r=16, alpha=32, eta=1.0),
         FTL(lr=1e-2, steps_per_edit=3),
+        FTM(lr=1e-2, steps_per_edit=3),
+        AlphaEdit(**ALPHAEDIT_RETAIN, value_lr=1.0, l2=1.0, steps_per_edit=2),
     ],
-    ids=["more-public", "more-paper", "lora-ft", "ft-l"],
+    ids=["more-public", "more-paper", "lora-ft", "ft-l", "ft-m", "alphaedit"],
 )
 def test_one_edit_raises_the_target_logprob(tiny_llava_dir, editor, monkeypatch):
     module, _ = _manual_module(tiny_llava_dir, editor, monkeypatch)
@@ -161,8 +174,13 @@ def test_edit_state_round_trips_through_safetensors(tiny_llava_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "make_editor",
-    [lambda: MORE(r=16, alpha=32, eta=1.0, lam=1.0, prior="public"), lambda: FTL(lr=1e-2, steps_per_edit=2)],
-    ids=["more", "ft-l"],
+    [
+        lambda: MORE(r=16, alpha=32, eta=1.0, lam=1.0, prior="public"),
+        lambda: FTL(lr=1e-2, steps_per_edit=2),
+        lambda: FTM(lr=1e-2, steps_per_edit=2),
+        lambda: AlphaEdit(**ALPHAEDIT_RETAIN, value_lr=1.0, l2=1.0),
+    ],
+    ids=["more", "ft-l", "ft-m", "alphaedit"],
 )
 def test_single_edits_apply_every_edit_to_the_unedited_model(tiny_llava_dir, make_editor, monkeypatch):
     stream = _stream().stream

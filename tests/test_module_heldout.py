@@ -20,7 +20,7 @@ import torch
 
 import cli
 from more_lightning.data.datamodule import EditStream, EditStreamDataModule
-from more_lightning.editors.finetune import FTL
+from more_lightning.editors.ft_l import FTL
 from more_lightning.editors.more import MORE
 from more_lightning.editors.state import edit_state_dict
 from tests.heldout_companion import copy_fixtures, write_companion

@@ -75,16 +75,21 @@ def _path_args(checkpoint: Path, data_file: str, save_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(REAL))
-def test_config_header_and_paper_settings(name: str) -> None:
+def checked_header(name: str) -> tuple[dict, dict, dict, dict]:
+    """The config ``name`` after checking its header (launch command, downloads, dtype, template, memory estimate);
+    returns it and its backbone, editor and data ``init_args``."""
     text = (CONFIGS / f"{name}.yaml").read_text()
     assert text.startswith(f"# python cli.py fit --config configs/{name}.yaml\n")
     for needed in ("Download", "data/mmedit", "bfloat16", "Template", "estimate"):
         assert needed in text, f"{name}.yaml header lacks {needed!r}"
     config = _load(name)
-    backbone = config["model"]["init_args"]["backbone"]["init_args"]
-    editor = config["model"]["init_args"]["editor"]["init_args"]
-    data = config["data"]["init_args"]
+    parts = (config["model"]["init_args"]["backbone"], config["model"]["init_args"]["editor"], config["data"])
+    return config, *(part["init_args"] for part in parts)
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_config_header_and_paper_settings(name: str) -> None:
+    config, backbone, editor, data = checked_header(name)
     assert config["trainer"]["accelerator"] == "auto"
     assert backbone["dtype"] == "bfloat16" and backbone["path"].startswith("data/")
     assert data["num_edits"] == 100  # the paper's longest horizon (tables 1 and 4: 1, 10, 100)

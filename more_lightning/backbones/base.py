@@ -10,30 +10,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from more_lightning.contract import EditPoint
 from more_lightning.data.records import Query
 
 log = logging.getLogger(__name__)
 
-Modality = Literal["image", "text"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EditPoint:
-    """One editable ``nn.Linear``: its module path and which modality its keys come from.
-
-    ``image`` modules (the visual projector) see only visual features, so every row of their
-    input is an image position; ``text`` modules sit in the language model and their keys are
-    pooled over text (or target) positions of the token sequence.
-    """
-
-    path: str
-    modality: Modality
 
 
 @dataclass
@@ -73,17 +60,14 @@ class ModelInputs:
         return mask
 
     def positions(self, which: str) -> Tensor:
-        """Key-pooling positions for text modules: ``"text"`` or ``"target"``."""
+        """Key-pooling positions for text modules: ``"text"``, ``"target"`` or ``"all"`` (text and image)."""
         if which == "text":
             return self.text_mask
         if which == "target":
             return self.predict_mask
-        raise ValueError(f"key positions must be 'text' or 'target', got {which!r}")
-
-
-def shift_for_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Align next-token logits with the tokens they predict: (B, T-1, V) and (B, T-1)."""
-    return logits[:, :-1], labels[:, 1:]
+        if which == "all":
+            return self.attention_mask.bool()
+        raise ValueError(f"key positions must be 'text', 'target' or 'all', got {which!r}")
 
 
 class Backbone:

@@ -10,11 +10,15 @@ name: everything editor-specific is a method here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from more_lightning.backbones.base import EditPoint
+from more_lightning.contract import EditPoint
+
+if TYPE_CHECKING:
+    from more_lightning.contract import EditEngine
 
 
 class Editor:
@@ -37,6 +41,13 @@ class Editor:
     def configure_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer whose ``step()`` writes an edit."""
         raise NotImplementedError
+
+    def prepare(self, optimizer: torch.optim.Optimizer, engine: EditEngine) -> None:
+        """Called once after :meth:`configure_optimizer`, before any edit, with the unedited model behind ``engine``.
+
+        Editors that need statistics of the unedited model (AlphaEdit's retain keys) take them here, into
+        ``optimizer.state`` so that they are saved and restored with the edit state.
+        """
 
     def key_modules(self) -> dict[str, tuple[nn.Module, str]]:
         """Modules whose input keys the editor needs, with their modality (empty: none)."""
@@ -73,3 +84,19 @@ class Editor:
                     if isinstance(value, Tensor):
                         total += value.numel() * value.element_size()
         return total
+
+
+class DelegatingEditor(Editor):
+    """An editor whose optimizer keeps the statistics and reports the writes (M-ORE, AlphaEdit).
+
+    Its optimizer has ``observe(keys)``, ``end_edit()`` and ``edit_diagnostics()``; the protocol's hooks hand over.
+    """
+
+    def observe(self, optimizer: torch.optim.Optimizer, keys: dict[str, Tensor]) -> None:
+        optimizer.observe(keys)
+
+    def end_edit(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.end_edit()
+
+    def diagnostics(self, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, float]]:
+        return optimizer.edit_diagnostics()

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from more_lightning.adapters.low_rank import LowRankLinear, wrap_linear
-from more_lightning.backbones.base import EditPoint
-from more_lightning.editors.base import Editor
+from more_lightning.contract import EditPoint
+from more_lightning.editors.base import DelegatingEditor
+from more_lightning.editors.state import keep_stats_dtype
 
 log = logging.getLogger(__name__)
 
@@ -77,76 +79,89 @@ def closed_form_write(G: Tensor, P: Tensor, eta: float) -> Tensor:
     return -eta * (G @ P)
 
 
+@dataclass(frozen=True)
+class MORESettings:
+    """M-ORE's write hyperparameters, validated once; :class:`MORE` builds them, :class:`MOREOptimizer` reads them."""
+
+    eta: float = 0.1
+    """Step size η of text modules (eq. 12)."""
+    lam: float = 2000.0
+    """λ of text modules: the prior ``S_0 = λ I`` (eq. 10)."""
+    image_eta: float | None = None
+    """η of image (projector) modules; ``None``: ``eta``."""
+    image_lam: float | None = None
+    """λ of image (projector) modules; ``None``: ``lam``."""
+    prior: Prior = "paper"
+    """``"paper"``: ``P = (I + S)^{-1}``, ``S_0 = λ I`` (eq. 10–13). ``"public"``: the authors' code, ``P_0 = I``
+    and ``P ← P - u uᵀ / (λ + zᵀ u)``, i.e. ``P = λ (λ I + S)^{-1}``."""
+    write_with: WriteWith = "current"
+    """``"current"`` writes with ``P_t`` (P already holds this edit's key, paper); ``"previous"`` writes with
+    ``P_{t-1}`` and folds the key in at the edit's end (public code)."""
+    pool: bool = True
+    """One pooled key per edit (rank-one update); ``False`` feeds every key row to S."""
+    top_k: int | None = None
+    """Write only the ``top_k`` modules with the largest gradient norm per step (``None``: all)."""
+    stats_dtype: str = "float64"
+    """``"float64"`` or ``"float32"``: dtype of ``P`` whatever the model's dtype."""
+    precondition: bool = True
+    """``False`` makes ``P = I`` (plain low-rank fine-tuning, "LoRA-FT")."""
+
+    def __post_init__(self) -> None:
+        for key in ("eta", "lam", "image_eta", "image_lam"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"M-ORE: {key} must be > 0, got {value} (editor init_args.{key})")
+        if self.prior not in ("paper", "public"):
+            raise ValueError(f"M-ORE: prior must be 'paper' or 'public', got {self.prior!r}")
+        if self.write_with not in ("current", "previous"):
+            raise ValueError(f"M-ORE: write_with must be 'current' or 'previous', got {self.write_with!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"M-ORE: top_k must be >= 1 or None, got {self.top_k}")
+        if self.stats_dtype not in ("float32", "float64"):
+            raise ValueError(f"M-ORE: stats_dtype must be 'float32' or 'float64', got {self.stats_dtype!r}")
+
+    def eta_for(self, modality: str) -> float:
+        return self.image_eta if modality == "image" and self.image_eta is not None else self.eta
+
+    def lam_for(self, modality: str) -> float:
+        return self.image_lam if modality == "image" and self.image_lam is not None else self.lam
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.stats_dtype)
+
+
 class MOREOptimizer(torch.optim.Optimizer):
     """Closed-form preconditioned writer; one param group per edited module.
 
     Args:
         adapters: ``(module path, adapter, modality)`` per edited module.
-        eta: step size η for text modules.
-        lam: λ for text modules.
-        image_eta: η for image (projector) modules; default ``eta``.
-        image_lam: λ for image (projector) modules; default ``lam``.
-        prior: ``"paper"``: ``P = (I + S)^{-1}``, ``S_0 = λ I`` (eq. 10–13). ``"public"``: the
-            authors' code, ``P_0 = I`` and ``P ← P - u uᵀ / (λ + zᵀ u)``, i.e. ``P = λ (λ I + S)^{-1}``.
-        write_with: ``"current"`` writes with ``P_t`` (P already holds this edit's key, paper);
-            ``"previous"`` writes with ``P_{t-1}`` and folds the key in at the edit's end (public code).
-        pool: one pooled key per edit (rank-one update); ``False`` feeds every key row to S.
-        precondition: ``False`` makes ``P = I`` (plain low-rank fine-tuning, "LoRA-FT").
-        top_k: write only the ``top_k`` modules with the largest gradient norm per step (None: all).
-        stats_dtype: dtype of ``P`` (float32 or float64) whatever the model's dtype.
+        settings: the write hyperparameters (η, λ per modality, prior, write order, pooling, top-k, P's dtype,
+            preconditioning); default :class:`MORESettings`'s.
     """
 
     def __init__(
-        self,
-        adapters: Sequence[tuple[str, LowRankLinear, str]],
-        eta: float = 0.1,
-        lam: float = 2000.0,
-        image_eta: float | None = None,
-        image_lam: float | None = None,
-        prior: Prior = "paper",
-        write_with: WriteWith = "current",
-        pool: bool = True,
-        precondition: bool = True,
-        top_k: int | None = None,
-        stats_dtype: torch.dtype = torch.float64,
+        self, adapters: Sequence[tuple[str, LowRankLinear, str]], settings: MORESettings | None = None
     ) -> None:
-        image_eta = eta if image_eta is None else image_eta
-        image_lam = lam if image_lam is None else image_lam
-        for key, value in {"eta": eta, "lam": lam, "image_eta": image_eta, "image_lam": image_lam}.items():
-            if not value > 0:
-                raise ValueError(f"MOREOptimizer: {key} must be > 0, got {value}")
-        if prior not in ("paper", "public"):
-            raise ValueError(f"MOREOptimizer: prior must be 'paper' or 'public', got {prior!r}")
-        if write_with not in ("current", "previous"):
-            raise ValueError(f"MOREOptimizer: write_with must be 'current' or 'previous', got {write_with!r}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"MOREOptimizer: top_k must be >= 1 or None, got {top_k}")
-        if stats_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"MOREOptimizer: stats_dtype must be float32 or float64, got {stats_dtype}")
+        settings = MORESettings() if settings is None else settings
         if not adapters:
             raise ValueError("MOREOptimizer: no modules to edit")
         groups = []
         for name, adapter, modality in adapters:
             params = [adapter.lora_B] + ([adapter.lora_A] if isinstance(adapter.lora_A, nn.Parameter) else [])
-            is_image = modality == "image"
             groups.append(
                 {
                     "params": params,
                     "name": name,
                     "modality": modality,
-                    "eta": image_eta if is_image else eta,
-                    "lam": image_lam if is_image else lam,
+                    "eta": settings.eta_for(modality),
+                    "lam": settings.lam_for(modality),
                 }
             )
-        defaults = {"eta": eta, "lam": lam}
+        defaults = {"eta": settings.eta, "lam": settings.lam}
         super().__init__(groups, defaults)
         self.adapters = {name: adapter for name, adapter, _ in adapters}
-        self.prior = prior
-        self.write_with = write_with
-        self.pool = pool
-        self.precondition = precondition
-        self.top_k = top_k
-        self.stats_dtype = stats_dtype
+        self.settings = settings
         self._pending: dict[str, Tensor] = {}
         # this edit's tensors for :meth:`edit_diagnostics`, kept by reference (no work in the timed write)
         self._edit_keys: dict[str, Tensor] = {}  # projected keys Z
@@ -155,18 +170,14 @@ class MOREOptimizer(torch.optim.Optimizer):
         self._edit_deltas: dict[str, list[Tensor]] = {}  # every ΔB of this edit
         self._first_step = True
         self._A: dict[str, Tensor] = {}  # A in stats_dtype, per module (A is fixed unless trained)
-        if precondition:  # P exists from the start, so state_dict() is complete before the first edit
+        if settings.precondition:  # P exists from the start, so state_dict() is complete before the first edit
             for group in self.param_groups:
                 self._state(group)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but P keeps ``stats_dtype`` (torch would cast it to B's dtype)."""
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, saved in state_dict["state"].items():
-            if "P" in saved:
-                param = params[index]
-                self.state[param]["P"] = saved["P"].to(device=param.device, dtype=self.stats_dtype).clone()
+        keep_stats_dtype(self, state_dict, ("P",), self.settings.dtype)
 
     # --- statistics ----------------------------------------------------------------------------
     def _state(self, group: dict) -> dict:
@@ -174,9 +185,9 @@ class MOREOptimizer(torch.optim.Optimizer):
         state = self.state[B]
         if "P" not in state:
             r = B.shape[1]
-            eye = torch.eye(r, dtype=self.stats_dtype, device=B.device)
+            eye = torch.eye(r, dtype=self.settings.dtype, device=B.device)
             # paper: P_0 = (I + λI)^{-1};  public code: P_0 = I (= λ (λ I)^{-1})
-            state["P"] = eye / (1.0 + group["lam"]) if self.prior == "paper" else eye
+            state["P"] = eye / (1.0 + group["lam"]) if self.settings.prior == "paper" else eye
             state["num_keys"] = torch.zeros((), dtype=torch.long)
             state["num_writes"] = torch.zeros((), dtype=torch.long)
         return state
@@ -185,12 +196,12 @@ class MOREOptimizer(torch.optim.Optimizer):
         """Rank-one Sherman–Morrison update(s) of the group's P with keys (n, d_in)."""
         state = self._state(group)
         A = self._stats_A(group["name"])  # (r, d_in)
-        keys = keys.to(device=A.device, dtype=self.stats_dtype)
-        if self.pool:
+        keys = keys.to(device=A.device, dtype=self.settings.dtype)
+        if self.settings.pool:
             keys = keys.mean(dim=0, keepdim=True)  # (1, d_in)
         Z = keys @ A.T  # (n, r) projected keys
         self._edit_keys[group["name"]] = Z
-        offset = 1.0 if self.prior == "paper" else group["lam"]
+        offset = 1.0 if self.settings.prior == "paper" else group["lam"]
         P = sherman_morrison(state["P"], Z[0], offset) if Z.shape[0] == 1 else woodbury(state["P"], Z, offset)
         state["P"] = 0.5 * (P + P.T)  # keep exactly symmetric against round-off drift
         state["num_keys"] += Z.shape[0]
@@ -198,9 +209,9 @@ class MOREOptimizer(torch.optim.Optimizer):
     def _stats_A(self, name: str) -> Tensor:
         A = self.adapters[name].lora_A
         if isinstance(A, nn.Parameter):  # trained (freeze_A: false): follow it
-            return A.detach().to(self.stats_dtype)
+            return A.detach().to(self.settings.dtype)
         if name not in self._A:
-            self._A[name] = A.detach().to(self.stats_dtype)
+            self._A[name] = A.detach().to(self.settings.dtype)
         return self._A[name]
 
     @torch.no_grad()
@@ -212,13 +223,13 @@ class MOREOptimizer(torch.optim.Optimizer):
         """
         self._edit_keys, self._first_grads, self._first_writes, self._edit_deltas = {}, {}, {}, {}
         self._first_step = True  # a new edit starts here
-        if not self.precondition:
+        if not self.settings.precondition:
             return
         for group in self.param_groups:
             k = keys.get(group["name"])
             if k is None or k.numel() == 0:
                 continue
-            if self.write_with == "current":
+            if self.settings.write_with == "current":
                 self._fold_keys(group, k)
             else:
                 self._pending[group["name"]] = k.detach()
@@ -255,8 +266,8 @@ class MOREOptimizer(torch.optim.Optimizer):
                     diag["removed_share"] = 1.0 - delta_norm / (group["eta"] * g_norm) if g_norm else 0.0
             deltas = self._edit_deltas.get(name)
             diag["delta_norm"] = float(torch.stack(deltas).sum(0).norm()) if deltas else 0.0
-            if self.precondition:
-                s = key_spectrum(self._state(group)["P"], group["lam"], self.prior)
+            if self.settings.precondition:
+                s = key_spectrum(self._state(group)["P"], group["lam"], self.settings.prior)
                 diag["s_above_lam"] = float((s > group["lam"]).sum())
                 diag["s_max"] = float(s.max())
                 diag["effective_rank"] = effective_rank(s)
@@ -266,10 +277,10 @@ class MOREOptimizer(torch.optim.Optimizer):
     # --- the write -----------------------------------------------------------------------------
     def _selected(self) -> list[dict]:
         groups = [g for g in self.param_groups if g["params"][0].grad is not None]
-        if self.top_k is None or len(groups) <= self.top_k:
+        if self.settings.top_k is None or len(groups) <= self.settings.top_k:
             return groups
         norms = torch.stack([g["params"][0].grad.float().norm() for g in groups])
-        keep = set(torch.topk(norms, self.top_k).indices.tolist())
+        keep = set(torch.topk(norms, self.settings.top_k).indices.tolist())
         return [g for i, g in enumerate(groups) if i in keep]
 
     @torch.no_grad()
@@ -285,8 +296,8 @@ class MOREOptimizer(torch.optim.Optimizer):
             self._first_grads = {name: grad for name, grad in grads.items() if grad is not None}
         for group in self._selected():
             B = group["params"][0]
-            G = B.grad.to(self.stats_dtype)  # (d_out, r)
-            if self.precondition:
+            G = B.grad.to(self.settings.dtype)  # (d_out, r)
+            if self.settings.precondition:
                 state = self._state(group)
                 delta = closed_form_write(G, state["P"], group["eta"])
                 state["num_writes"] += 1
@@ -303,7 +314,7 @@ class MOREOptimizer(torch.optim.Optimizer):
         return loss
 
 
-class MORE(Editor):
+class MORE(DelegatingEditor):
     """The M-ORE editor: wraps each edit point in a :class:`LowRankLinear` and writes with
     :class:`MOREOptimizer`.
 
@@ -320,6 +331,8 @@ class MORE(Editor):
         key_positions: ``"text"`` or ``"target"`` positions for text modules' keys.
         seed: seeds the write bases A.
         stats_dtype: ``"float64"`` or ``"float32"`` for P.
+
+    ``eta`` … ``top_k`` and ``stats_dtype`` become one :class:`MORESettings` (validated there).
     """
 
     precondition: bool = True
@@ -348,20 +361,19 @@ class MORE(Editor):
             raise ValueError(f"steps_per_edit must be >= 1, got {steps_per_edit}")
         if key_positions not in ("text", "target"):
             raise ValueError(f"key_positions must be 'text' or 'target', got {key_positions!r}")
-        if stats_dtype not in ("float32", "float64"):
-            raise ValueError(f"stats_dtype must be 'float32' or 'float64', got {stats_dtype!r}")
         self.r, self.alpha, self.seed, self.freeze_A = r, alpha, seed, freeze_A
-        self.optim_kwargs = {
-            "eta": eta,
-            "lam": lam,
-            "image_eta": image_eta,
-            "image_lam": image_lam,
-            "prior": prior,
-            "write_with": write_with,
-            "pool": pool,
-            "top_k": top_k,
-            "stats_dtype": getattr(torch, stats_dtype),
-        }
+        self.settings = MORESettings(
+            eta=eta,
+            lam=lam,
+            image_eta=image_eta,
+            image_lam=image_lam,
+            prior=prior,
+            write_with=write_with,
+            pool=pool,
+            top_k=top_k,
+            stats_dtype=stats_dtype,
+            precondition=self.precondition,
+        )
         self.steps_per_edit = steps_per_edit
         self.key_positions = key_positions
         self.pool_keys = pool
@@ -379,34 +391,15 @@ class MORE(Editor):
     def configure_optimizer(self) -> MOREOptimizer:
         if not self.adapters:
             raise RuntimeError("attach() the editor to a model before configure_optimizer()")
-        return MOREOptimizer(self.adapters, precondition=self.precondition, **self.optim_kwargs)
+        return MOREOptimizer(self.adapters, self.settings)
 
     def key_modules(self) -> dict[str, tuple[nn.Module, str]]:
         if not self.precondition:
             return {}
         return {name: (adapter, modality) for name, adapter, modality in self.adapters}
 
-    def observe(self, optimizer: MOREOptimizer, keys: dict[str, Tensor]) -> None:
-        optimizer.observe(keys)
-
-    def end_edit(self, optimizer: MOREOptimizer) -> None:
-        optimizer.end_edit()
-
-    def diagnostics(self, optimizer: MOREOptimizer) -> dict[str, dict[str, float]]:
-        return optimizer.edit_diagnostics()
-
     def written_modules(self) -> dict[str, nn.Module]:
         return {name: adapter for name, adapter, _ in self.adapters}
 
     def delta_weight(self, name: str) -> Tensor:
         return self.written_modules()[name].get_delta_weight().detach()
-
-
-class LoRAFT(MORE):
-    """Naive low-rank fine-tuning: M-ORE's write interface with ``P = I`` (``B ← B - η G``).
-
-    The paper's "naive finetuning" baseline; same arguments as :class:`MORE` (``lam``, ``prior``
-    and ``pool`` have no effect).
-    """
-
-    precondition = False

@@ -79,3 +79,19 @@ def load_edit_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: st
     apply_edit_state(model, optimizer, load_file(path), path.name)
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def keep_stats_dtype(
+    optimizer: torch.optim.Optimizer, state_dict: dict, names: tuple[str, ...], dtype: torch.dtype
+) -> None:
+    """After ``optimizer.load_state_dict(state_dict)``: put the statistics ``names`` back in ``dtype``.
+
+    torch casts floating optimizer state to its parameter's dtype on load; an editor's statistics (P, C) stay in
+    their own dtype whatever the model's.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, saved in state_dict["state"].items():
+        param = params[index]
+        for name in names:
+            if name in saved:
+                optimizer.state[param][name] = saved[name].to(device=param.device, dtype=dtype).clone()

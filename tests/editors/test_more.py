@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from more_lightning.adapters.low_rank import LowRankLinear
-from more_lightning.editors.more import MOREOptimizer, closed_form_write, sherman_morrison
+from more_lightning.editors.more import MOREOptimizer, MORESettings, closed_form_write, sherman_morrison
 
 
 def _adapter(d_in=24, d_out=10, r=6, seed=0, freeze_A=True):
@@ -60,7 +60,7 @@ def _one_edit(opt, adapter, name, keys, grad):
 def test_stream_of_writes_matches_dense_reference(prior, write_with):
     lam, eta, T = 3.0, 0.2, 6
     adapter = _adapter()
-    opt = MOREOptimizer([("m", adapter, "text")], eta=eta, lam=lam, prior=prior, write_with=write_with)
+    opt = MOREOptimizer([("m", adapter, "text")], MORESettings(eta=eta, lam=lam, prior=prior, write_with=write_with))
     A = adapter.lora_A.double()
     keys = [torch.randn(4, 24) for _ in range(T)]
     grads = [torch.randn(10, 6, dtype=torch.float64) for _ in range(T)]
@@ -82,7 +82,7 @@ def test_stream_of_writes_matches_dense_reference(prior, write_with):
 def test_pool_false_feeds_every_key_row():
     lam = 2.0
     adapter = _adapter()
-    opt = MOREOptimizer([("m", adapter, "text")], lam=lam, pool=False)
+    opt = MOREOptimizer([("m", adapter, "text")], MORESettings(lam=lam, pool=False))
     keys = torch.randn(5, 24)
     opt.observe({"m": keys})
     Z = keys.double() @ adapter.lora_A.double().T
@@ -91,7 +91,7 @@ def test_pool_false_feeds_every_key_row():
 
 def test_projector_statistics_never_touch_text_P_and_vice_versa():
     text, proj = _adapter(seed=1), _adapter(seed=2)
-    opt = MOREOptimizer([("text", text, "text"), ("proj", proj, "image")], lam=1.0, image_lam=50.0)
+    opt = MOREOptimizer([("text", text, "text"), ("proj", proj, "image")], MORESettings(lam=1.0, image_lam=50.0))
     opt.observe({"proj": 100 * torch.randn(9, 24)})
     assert torch.equal(opt.state[text.lora_B]["P"], torch.eye(6, dtype=torch.float64) / 2.0)
     proj_P = opt.state[proj.lora_B]["P"].clone()
@@ -102,7 +102,7 @@ def test_projector_statistics_never_touch_text_P_and_vice_versa():
 
 def test_lora_ft_is_plain_gradient_step():
     adapter = _adapter()
-    opt = MOREOptimizer([("m", adapter, "text")], eta=0.5, precondition=False)
+    opt = MOREOptimizer([("m", adapter, "text")], MORESettings(eta=0.5, precondition=False))
     g = torch.randn(10, 6)
     _one_edit(opt, adapter, "m", torch.randn(2, 24), g.double())
     torch.testing.assert_close(adapter.lora_B, -0.5 * g)
@@ -110,7 +110,7 @@ def test_lora_ft_is_plain_gradient_step():
 
 def test_top_k_writes_only_largest_gradients():
     adapters = [_adapter(seed=i) for i in range(3)]
-    opt = MOREOptimizer([(f"m{i}", a, "text") for i, a in enumerate(adapters)], top_k=2, lam=1.0)
+    opt = MOREOptimizer([(f"m{i}", a, "text") for i, a in enumerate(adapters)], MORESettings(top_k=2, lam=1.0))
     for scale, a in zip([1.0, 10.0, 5.0], adapters, strict=True):
         a.lora_B.grad = scale * torch.ones(10, 6)
     opt.step()
@@ -120,7 +120,7 @@ def test_top_k_writes_only_largest_gradients():
 
 def test_freeze_A_false_moves_A():
     adapter = _adapter(freeze_A=False)
-    opt = MOREOptimizer([("m", adapter, "text")], lam=1.0)
+    opt = MOREOptimizer([("m", adapter, "text")], MORESettings(lam=1.0))
     a0 = adapter.lora_A.detach().clone()
     adapter.lora_B.grad = torch.randn(10, 6)
     adapter.lora_A.grad = torch.randn(6, 24)
@@ -131,10 +131,10 @@ def test_freeze_A_false_moves_A():
 def test_state_dict_round_trips_exactly():
     torch.manual_seed(0)
     a1, a2 = _adapter(), _adapter()
-    o1 = MOREOptimizer([("m", a1, "text")], lam=2.0)
+    o1 = MOREOptimizer([("m", a1, "text")], MORESettings(lam=2.0))
     for _ in range(3):
         _one_edit(o1, a1, "m", torch.randn(3, 24), torch.randn(10, 6, dtype=torch.float64))
-    o2 = MOREOptimizer([("m", a2, "text")], lam=2.0)
+    o2 = MOREOptimizer([("m", a2, "text")], MORESettings(lam=2.0))
     o2.load_state_dict(o1.state_dict())
     with torch.no_grad():
         a2.lora_B.copy_(a1.lora_B)
@@ -158,7 +158,7 @@ def test_state_dict_round_trips_exactly():
 )
 def test_bad_hyperparameters_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        MOREOptimizer([("m", _adapter(), "text")], **kwargs)
+        MOREOptimizer([("m", _adapter(), "text")], MORESettings(**kwargs))
 
 
 @pytest.mark.parametrize("prior", ["paper", "public"])
@@ -168,7 +168,7 @@ def test_write_diagnostics_match_a_dense_computation(prior, write_with):
 
     lam, eta, steps = 4.0, 0.3, 2
     adapter = _adapter()
-    opt = MOREOptimizer([("m", adapter, "text")], eta=eta, lam=lam, prior=prior, write_with=write_with)
+    opt = MOREOptimizer([("m", adapter, "text")], MORESettings(eta=eta, lam=lam, prior=prior, write_with=write_with))
     A = adapter.lora_A.double()
     history = [torch.randn(3, 24) for _ in range(5)]
     for keys in history[:-1]:
@@ -203,7 +203,7 @@ def test_write_diagnostics_match_a_dense_computation(prior, write_with):
 
 def test_lora_ft_and_unwritten_modules_report_plain_steps():
     text, proj = _adapter(seed=1), _adapter(seed=2)
-    opt = MOREOptimizer([("text", text, "text"), ("proj", proj, "image")], eta=0.5, precondition=False)
+    opt = MOREOptimizer([("text", text, "text"), ("proj", proj, "image")], MORESettings(eta=0.5, precondition=False))
     opt.observe({})
     text.lora_B.grad = torch.randn(10, 6)
     opt.step()
