@@ -70,12 +70,29 @@ def main(args: list[str] | None = None) -> LightningCLI:
     )
 
 
+USER_ERRORS = (DataFileError, StreamError, FileNotFoundError)
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The user error behind ``exc`` (itself, or what it was raised from: jsonargparse wraps errors of ``__init__``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, USER_ERRORS):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return None
+
+
 def run(args: list[str] | None = None) -> int:
     """:func:`main`, with user errors reported as one line on stderr and exit status 1."""
     try:
         main(args)
-    except (DataFileError, StreamError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        cause = user_error(exc)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         return 1
     return 0
 

@@ -62,6 +62,21 @@ def run(config: str, num_edits: int, extra: list[str]) -> tuple[dict, str]:
     return metrics, "python cli.py " + shlex.join(args)
 
 
+def run_horizon(config: str, horizon: int, split: str, single_edits: int, overrides: list[str]) -> tuple[dict, str]:
+    """One table row: ``horizon`` sequential edits, or for ``horizon == 1`` the mean of ``single_edits`` single edits.
+
+    ``overrides`` (dotted CLI arguments) come after the split's data file, so they win.
+    """
+    extra = [*split_file(config, split), *overrides]
+    if horizon != 1:
+        return run(config, horizon, extra)
+    metrics, command = run(config, single_edits, [*extra, "--model.init_args.single_edits", "true"])
+    metrics["retention"] = metrics["immediate"]  # one edit on the model: retained = immediate
+    if "held_out" in metrics:
+        metrics["held_out"]["retention"] = metrics["held_out"]["immediate"]
+    return metrics, command
+
+
 def header(held_out: bool) -> list[str]:
     """The markdown header and rule; held-out columns follow each phase's seen columns if ``held_out``."""
     columns = []
@@ -103,14 +118,7 @@ def main() -> None:
     runs = []  # (metrics, horizon, command)
     for config in args.configs:
         for horizon in args.horizons:
-            extra = [*split_file(config, args.split), *args.set]
-            if horizon == 1:
-                metrics, command = run(config, args.single_edits, [*extra, "--model.init_args.single_edits", "true"])
-                metrics["retention"] = metrics["immediate"]  # one edit on the model: retained = immediate
-                if "held_out" in metrics:
-                    metrics["held_out"]["retention"] = metrics["held_out"]["immediate"]
-            else:
-                metrics, command = run(config, horizon, extra)
+            metrics, command = run_horizon(config, horizon, args.split, args.single_edits, args.set)
             runs.append((metrics, horizon, command))
             if args.out:
                 with open(args.out, "a") as f:

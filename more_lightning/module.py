@@ -120,6 +120,36 @@ def _kl(logits: Tensor, ref: Reference) -> Tensor:
     return (logp.exp() * (logp - ref.logp)).sum(-1).mean()
 
 
+def reference(logits: Tensor, labels: Tensor) -> Reference:
+    """The :class:`Reference` of one locality query from the (pre-edit) model's ``logits`` (B, T, V)."""
+    logits, labels = shift_for_loss(logits, labels)  # (1, T-1, V), (1, T-1)
+    mask = labels != -100  # (1, T-1)
+    return Reference(F.log_softmax(logits.float(), dim=-1)[mask], mask)  # (n, V)
+
+
+def composite_loss(
+    logits: dict[str, Tensor],
+    inputs: dict[str, ModelInputs],
+    refs: dict[str, Reference],
+    gen_weight: float = 1.0,
+    loc_weight: float = 1.0,
+    edit_weight: float = 1.0,
+) -> Tensor:
+    """``edit_weight · (L_rel + gen_weight · L_gen) + loc_weight · L_loc`` (paper eq. 19–22) from each query's logits.
+
+    ``L_rel`` / ``L_gen``: target NLL of the ``edit`` / ``t_gen`` and ``m_gen`` queries; ``L_loc``: KL to ``refs`` on
+    the locality queries. Queries missing from ``logits`` contribute nothing.
+    """
+    weights = {"edit": edit_weight, "t_gen": edit_weight * gen_weight, "m_gen": edit_weight * gen_weight}
+    loss = torch.zeros((), device=next(iter(logits.values())).device)
+    for name, value in logits.items():
+        if name in weights:
+            loss = loss + weights[name] * _nll(value, inputs[name].labels)
+        else:
+            loss = loss + loc_weight * _kl(value, refs[name])
+    return loss
+
+
 def _to_cpu(refs: dict[str, Reference]) -> dict[str, Reference]:
     return {k: Reference(v.logp.cpu(), v.mask.cpu()) for k, v in refs.items()}
 
@@ -372,28 +402,18 @@ class OnlineEditModule(LightningModule):
     @torch.no_grad()
     def references(self, inputs: dict[str, ModelInputs]) -> dict[str, Reference]:
         """θ_{t-1}'s log-probabilities on the locality queries among ``inputs``, computed once per edit."""
-        refs = {}
-        for name in (k for k in LOC_KEYS if k in inputs):
-            logits, labels = shift_for_loss(self.logits(inputs[name]), inputs[name].labels)
-            mask = labels != -100  # (1, T-1)
-            refs[name] = Reference(F.log_softmax(logits.float(), dim=-1)[mask], mask)  # (n, V)
-        return refs
+        return {name: reference(self.logits(inputs[name]), inputs[name].labels) for name in LOC_KEYS if name in inputs}
 
     def edit_loss(self, inputs: dict[str, ModelInputs], refs: dict[str, Reference], capture: bool) -> Tensor:
         """L_rel + gen_weight · L_gen + loc_weight · L_loc (eq. 19–22); keys recorded if ``capture``."""
-        loss = torch.zeros((), device=self.device)
-        weights = {"edit": 1.0, "t_gen": self.gen_weight, "m_gen": self.gen_weight}
+        logits = {}
         for name, query in inputs.items():
             positions = query.positions(self.editor.key_positions) if capture else None
             with self.keys.record(positions) if capture else nullcontext():
-                logits = self.logits(query)
+                logits[name] = self.logits(query)
             if capture and name == "edit":  # θ_{t-1} on the edit: the fit before the write
-                self._fit_before = edit_fit(logits, query.labels)
-            if name in weights:
-                loss = loss + weights[name] * _nll(logits, query.labels)
-            else:
-                loss = loss + self.loc_weight * _kl(logits, refs[name])
-        return loss
+                self._fit_before = edit_fit(logits[name], query.labels)
+        return composite_loss(logits, inputs, refs, self.gen_weight, self.loc_weight)
 
     @override
     def training_step(self, batch: EditTuple, batch_idx: int) -> Tensor:
@@ -817,6 +837,7 @@ class OnlineEditModule(LightningModule):
             "locality_agreement": self._agreement(self.immediate, self.retained),
             "exact_match": {"immediate": self._exact(self.immediate), "retention": self._exact(self.retained)},
             "seconds_per_edit": float(sum(seconds) / len(seconds)) if seconds else 0.0,
+            "state_bytes": self._state_bytes(),
             "retention_by_question": self._retained_by_question,
             "diagnostics": {
                 group: {k: v / self._diagnostic_count for k, v in sums.items()}
@@ -832,6 +853,12 @@ class OnlineEditModule(LightningModule):
                 "exact_match": {"immediate": self._exact(held), "retention": self._exact(retained)},
             }
         return summary
+
+    def _state_bytes(self) -> int:
+        """Bytes of the editor's state now (``Editor.state_bytes``); 0 outside a run."""
+        if self._trainer is None:
+            return 0
+        return self.editor.state_bytes(self.optimizers().optimizer)
 
     def _write_summary(self) -> None:
         if self.trainer is None or not self.trainer.is_global_zero:

@@ -51,6 +51,14 @@ def _target_logprob(module, inputs):
         return logp[mask].gather(-1, labels[mask].unsqueeze(-1)).sum().item()
 
 
+def _edit_gain(module, batch, index: int) -> float:
+    """Apply ``batch`` as edit ``index`` through ``training_step``; returns the rise of its target log-probability."""
+    inputs = module.encode(batch)
+    start = _target_logprob(module, inputs["edit"])
+    module.training_step(batch, index)
+    return _target_logprob(module, inputs["edit"]) - start
+
+
 class _FakeOptimizer:
     def __init__(self, optimizer):
         self.optimizer = optimizer

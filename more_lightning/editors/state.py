@@ -36,11 +36,16 @@ def save_edit_state(
     state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write :func:`edit_state_dict` (or ``state``, that dict already taken) atomically to ``path``."""
+    save_tensors(edit_state_dict(model, optimizer) if state is None else state, path, metadata)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to the safetensors file ``path`` atomically (a temporary file moved into place)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(edit_state_dict(model, optimizer) if state is None else state, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -84,14 +89,17 @@ def load_edit_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: st
 def keep_stats_dtype(
     optimizer: torch.optim.Optimizer, state_dict: dict, names: tuple[str, ...], dtype: torch.dtype
 ) -> None:
-    """After ``optimizer.load_state_dict(state_dict)``: put the statistics ``names`` back in ``dtype``.
+    """After ``optimizer.load_state_dict(state_dict)``: put the statistics ``names`` back in ``dtype``, and integer
+    counters (``num_keys``, ...) back in their saved dtype.
 
-    torch casts floating optimizer state to its parameter's dtype on load; an editor's statistics (P, C) stay in
-    their own dtype whatever the model's.
+    torch casts optimizer state to its parameter's dtype on load; an editor's statistics (P, C) stay in their own
+    dtype whatever the model's, and its counters stay integers.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, saved in state_dict["state"].items():
         param = params[index]
-        for name in names:
-            if name in saved:
-                optimizer.state[param][name] = saved[name].to(device=param.device, dtype=dtype).clone()
+        for name, value in saved.items():
+            if name in names:
+                optimizer.state[param][name] = value.to(device=param.device, dtype=dtype).clone()
+            elif isinstance(value, torch.Tensor) and not value.is_floating_point():
+                optimizer.state[param][name] = value.clone()

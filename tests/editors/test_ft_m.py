@@ -10,7 +10,7 @@ from more_lightning.backbones.llava import LlavaBackbone
 from more_lightning.editors.ft_m import FTM
 from more_lightning.editors.state import edit_state_dict, load_edit_state, save_edit_state
 from more_lightning.module import OnlineEditModule
-from tests.test_module import _manual_module, _stream, _target_logprob
+from tests.test_module import _edit_gain, _manual_module, _stream
 from tests.tiny_models import save_tiny_blip2
 
 PROJECTOR = "model.multi_modal_projector."
@@ -29,10 +29,7 @@ def test_three_edits_write_only_the_projector_and_leave_text_queries_exact(tiny_
         text_logits = module.logits(t_loc).clone()
     gains = []
     for i in range(3):
-        inputs = module.encode(stream[i])
-        start = _target_logprob(module, inputs["edit"])
-        module.training_step(stream[i], i)
-        gains.append(_target_logprob(module, inputs["edit"]) - start)
+        gains.append(_edit_gain(module, stream[i], i))
         assert not optimizer.state  # a fresh Adam at every edit
     after = _snapshot(module)
     changed = {n for n in before if not torch.equal(before[n], after[n])}

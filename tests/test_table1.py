@@ -1,0 +1,51 @@
+"""benchmarks/table1.py runs each editor's config through the engine and prints the paper's Table 1 layout."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from tests.conftest import MMEDIT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _table1():
+    spec = importlib.util.spec_from_file_location("table1", ROOT / "benchmarks" / "table1.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_default_rows_are_the_papers_editors_on_both_tasks():
+    table1 = _table1()
+    assert [name for name, _, _ in table1.EDITORS] == ["FT-L", "FT-M", "LoRA-FT", "MEND", "AlphaEdit", "M-ORE"]
+    assert len(table1.DEFAULT_CONFIGS) == 12 and all((ROOT / c).is_file() for c in table1.DEFAULT_CONFIGS)
+
+
+def test_two_editors_two_edits(tiny_llava_dir, tmp_path, capsys):
+    out = tmp_path / "table1.json"
+    result = _table1().main(
+        [
+            "--configs", *(str(ROOT / f"configs/tiny_llava_evqa_{e}.yaml") for e in ("ft_l", "ft_m")),
+            "--horizons", "1", "2", "--single-edits", "2", "--out", str(out),
+            "--model.init_args.backbone.init_args.path", str(tiny_llava_dir),
+            "--data.init_args.data_file", str(MMEDIT / "vqa_eval.json"),
+            "--data.init_args.image_root", str(MMEDIT / "coco"),
+            "--data.init_args.rephrase_root", str(MMEDIT / "rephrase"),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    immediate = result["tables"]["immediate"]
+    assert immediate[0].startswith("| Method | E-VQA Rel. |") and "E-IC Avg." in immediate[0]
+    assert [line.split(" | ")[0] for line in immediate[2:]] == ["| FT-L_1", "| FT-M_1", "| FT-L_2", "| FT-M_2"]
+    for line in immediate[2:]:
+        cells = line.strip("| ").split(" | ")
+        assert len(cells) == 1 + 12 + 4
+        assert all(0 <= float(c) <= 100 for c in cells[1:7]) and cells[7:13] == ["-"] * 6  # E-IC was not run
+        assert float(cells[13]) > 0 and int(cells[14]) > 0  # s/edit and state bytes of the E-VQA run
+    rows = {(r["editor"], r["horizon"]): r["metrics"] for r in result["rows"]}
+    assert rows[("FTL", 1)]["protocol"] == "single" and rows[("FTM", 2)]["num_edits"] == 2
+    assert "\n".join(immediate) in printed and "\n".join(result["tables"]["retention"]) in printed
+    assert json.loads(out.read_text())["tables"] == result["tables"]
