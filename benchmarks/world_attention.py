@@ -3,7 +3,7 @@
 ``python benchmarks/world_attention.py --model models/tiny_llava --data data/embedded --split train``
 
 For questions about scenes with two or more objects, takes every attention head's weights at the
-position that predicts the first answer token and splits its mass over the 9 image tokens into:
+position that predicts the first answer token and splits its mass over the 36 image tokens into:
 the referent's cell (the object the question names), the other objects' cells, and the empty
 cells (the three add up to the image mass). A head that finds the referent puts its mass on
 ``ref``; a head with its mass on ``empty`` reads the grid, not an object. Run by hand; prints one
@@ -25,16 +25,7 @@ from more_lightning.world.benchmark import _draft
 from more_lightning.world.evaluate import SPLITS, _image
 from more_lightning.world.knowledge import build_knowledge
 from more_lightning.world.pretrain import Encoder, pixel_values
-from more_lightning.world.questions import NAMED_BY, words
-
-
-def referent(scene, qtype: str, question: str):
-    """The object a question names, by the attributes its type names it by (``NAMED_BY``)."""
-    said = set(words(question))
-    found = [o for o in scene.objects if all(getattr(o, a) in said for a in NAMED_BY[qtype])]
-    if len(found) != 1:
-        raise ValueError(f"question {question!r} does not name exactly one object of its scene")
-    return found[0]
+from more_lightning.world.scenes import NUM_CELLS
 
 
 @torch.no_grad()
@@ -50,18 +41,18 @@ def attention_split(model_dir: str, data_dir: str, split: str, qtypes: list[str]
     for i, (record, t) in enumerate(zip(records, truth, strict=True)):
         if t["qtype"] not in qtypes or counts[t["qtype"]] >= limit:
             continue
-        scene = _draft("vqa", split, i, 0, facts).scene
-        if scene.count() < 2:
+        draft = _draft("vqa", split, i, 0, facts)  # records are pure functions of their index
+        scene, ref = draft.scene, draft.item.target
+        if scene.count() < 2 or ref is None:
             continue
-        ref = referent(scene, t["qtype"], record["src"])
         ids = torch.tensor([encoder.prompt_ids(record["src"], True)])  # (1, T)
         image = pixel_values(_image(data, "images", record["image"]))[None]  # (1, 3, H, W)
         attentions = model(input_ids=ids, pixel_values=image, output_attentions=True).attentions
-        cells = (ids[0] == encoder.image_token_id).nonzero().flatten()  # (9,) image-token positions
+        cells = (ids[0] == encoder.image_token_id).nonzero().flatten()  # (36,) image-token positions
         others = [o.cell for o in scene.objects if o is not ref]
-        empty = [c for c in range(9) if c not in {o.cell for o in scene.objects}]
+        empty = [c for c in range(NUM_CELLS) if c not in {o.cell for o in scene.objects}]
         for layer, att in enumerate(attentions):
-            a = att[0, :, -1, cells]  # (H, 9): last prompt position -> image tokens
+            a = att[0, :, -1, cells]  # (H, 36): last prompt position -> image tokens
             for head in range(a.shape[0]):
                 sums[t["qtype"]][(layer, head)] += torch.stack(
                     [a[head].sum(), a[head, ref.cell], a[head, others].sum(), a[head, empty].sum()]
@@ -76,7 +67,7 @@ def main() -> None:
     parser.add_argument("--model", default="models/tiny_llava")
     parser.add_argument("--data", default="data/embedded")
     parser.add_argument("--split", choices=SPLITS, default="train")
-    parser.add_argument("--qtypes", nargs="+", default=["colour", "shape", "size", "position"])
+    parser.add_argument("--qtypes", nargs="+", default=["colour", "shape", "pattern", "size", "position", "describe"])
     parser.add_argument("--limit", type=int, default=80, help="questions per type (scenes with ≥ 2 objects)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

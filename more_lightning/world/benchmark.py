@@ -47,11 +47,11 @@ from pathlib import Path
 from more_lightning.data.schema import heldout_path, write_heldout, write_mmedit
 from more_lightning.world.knowledge import Fact, build_knowledge
 from more_lightning.world.questions import (
-    ANSWERS,
     CAPTION_PROMPTS,
     MME_CATEGORIES,
     QTYPES,
     VqaItem,
+    alternative,
     caption,
     counterfactual_scene,
     make_vqa,
@@ -86,11 +86,21 @@ class Draft:
     held_m_scene: Scene
     held_jitter: int  # seed of the held-out re-render, from the record's own second stream
     draw: int  # the draw index: the record's random streams are keyed by it
+    item: VqaItem | None = None  # the VQA question (None for captions)
+
+
+#: The question types of VQA edits 0, 1, 2, ... in turn: describe questions are 4 in 10 edits, as their
+#: answers (three words, 736 of them) are what makes the task as varied in its answers as E-VQA.
+SCHEDULE: tuple[str, ...] = (*QTYPES, "describe", "describe", "describe")
+#: Most objects in a caption edit's scene: captions stay about as long as E-IC's.
+CAPTION_OBJECTS = 3
+#: Fewest objects in the scene of an edit's VQA question: with one object every referent is trivial.
+MIN_VQA_OBJECTS = 2
 
 
 def _vqa_question(rng: random.Random, qtype: str) -> tuple[Scene, VqaItem]:
     while True:  # rejection: the scene must hold a uniquely described object for this type
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, min_objects=MIN_VQA_OBJECTS)
         item = make_vqa(scene, qtype, rng)
         if item is not None:
             return scene, item
@@ -99,12 +109,13 @@ def _vqa_question(rng: random.Random, qtype: str) -> tuple[Scene, VqaItem]:
 def _draft(task: str, split: str, i: int, seed: int, facts: list[Fact]) -> Draft:
     rng = random.Random(f"{seed}-{task}-{split}-{i}")
     folder = f"{task}_{split}"
+    item = None
     if task == "vqa":
-        scene, item = _vqa_question(rng, QTYPES[i % len(QTYPES)])
+        scene, item = _vqa_question(rng, SCHEDULE[i % len(SCHEDULE)])
         src, rephrase, truth = item.question, item.rephrase, {"qtype": item.qtype, "answer": item.answer}
         held_rephrase = item.held_out_rephrase
     else:
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, max_objects=CAPTION_OBJECTS)
         src, rephrase = rng.sample(CAPTION_PROMPTS, 2)
         truth = {"caption": caption(scene)}
         held_rephrase = ""
@@ -125,7 +136,7 @@ def _draft(task: str, split: str, i: int, seed: int, facts: list[Fact]) -> Draft
         "m_loc_a": m_item.answer,
     }
     held_out, held_m_scene, held_jitter = _held_out(task, folder, i, seed, facts, record, held_rephrase)
-    draft = Draft(record, truth, scene, m_scene, rng, held_out, held_m_scene, held_jitter, i)
+    draft = Draft(record, truth, scene, m_scene, rng, held_out, held_m_scene, held_jitter, i, item)
     _place(draft, folder, i)
     return draft
 
@@ -175,9 +186,10 @@ def _alt(draft: Draft, pred: str) -> str:
     Only when the type has no third answer (size: small / large) and the model is wrong is the truth
     itself the alternative — still different from ``pred``, as every edit target must be.
     """
-    if "qtype" in draft.truth:
-        options = [a for a in ANSWERS[draft.truth["qtype"]] if a not in (pred, _truth(draft))]
-        return draft.rng.choice(options or [_truth(draft)])
+    if draft.item is not None:
+        if draft.item.qtype == "size" and pred != _truth(draft):
+            return _truth(draft)
+        return alternative(draft.item, (pred, _truth(draft)), draft.rng)
     while True:  # the caption of the scene with one object's colour or shape changed
         alt = caption(counterfactual_scene(draft.scene, draft.rng))
         if alt not in (pred, _truth(draft)):

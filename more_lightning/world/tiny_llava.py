@@ -34,15 +34,16 @@ TEMPLATE_WORDS: tuple[str, ...] = ("USER", "ASSISTANT", ":")
 class TinyLlavaSpec:
     """Sizes of the tiny LLaVA. Defaults are the embedded world's model."""
 
-    image_size: int = 48
+    image_size: int = 96
     patch_size: int = 16
-    vision_hidden: int = 64
+    vision_hidden: int = 96
+    vision_intermediate: int = 384
     vision_layers: int = 2
     vision_heads: int = 4
     text_hidden: int = 128
     text_layers: int = 4
     text_heads: int = 4
-    text_intermediate: int = 256
+    text_intermediate: int = 1024
     max_positions: int = 128
 
 
@@ -96,7 +97,7 @@ def build_model(
 
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_hidden * 2,
+        intermediate_size=spec.vision_intermediate,
         num_hidden_layers=spec.vision_layers,
         num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,

@@ -16,11 +16,11 @@ from more_lightning.world.pretrain import (
     Encoder,
     PretrainDataModule,
     PretrainModule,
-    close_distractor_scene,
+    confusable_scene,
     pixel_values,
     sample_examples,
 )
-from more_lightning.world.questions import make_vqa
+from more_lightning.world.questions import QTYPES, make_vqa
 from more_lightning.world.scenes import render, sample_scene
 from more_lightning.world.tiny_llava import TinyLlavaSpec, build_processor
 
@@ -69,17 +69,27 @@ def test_processor_spec_matches_pixels():
     assert processor.image_processor.crop_size["height"] == spec.image_size
 
 
-def test_close_distractor_scenes_share_an_attribute_and_have_a_referent():
+def test_confusable_scenes_share_attributes_and_still_have_referents():
     rng = random.Random(0)
+    asked = 0
     for _ in range(200):
-        scene = close_distractor_scene(rng)
-        pairs = [(o.colour, o.shape) for o in scene.objects]
-        assert 2 <= scene.count() <= 3
-        assert len({c for c, _ in pairs}) < len(pairs) or len({s for _, s in pairs}) < len(pairs)
-        item = make_vqa(scene, "position", rng)  # a referent named by colour + shape exists ...
-        assert item is not None
-        referent = next(o for o in scene.objects if o.position == item.answer)
-        assert pairs.count((referent.colour, referent.shape)) == 1  # ... and is unique
+        scene = confusable_scene(rng)
+        assert 2 <= scene.count() <= 5
+        for attribute in ("shape", "colour", "pattern"):
+            assert len({getattr(o, attribute) for o in scene.objects}) <= 2
+        item = make_vqa(scene, "position", rng)
+        if item is not None:
+            asked += 1
+            named = [o for o in scene.objects if all(getattr(o, a) == getattr(item.target, a) for a in item.named)]
+            assert named == [item.target] and item.answer == item.target.position
+    assert asked > 150
+
+
+def test_the_object_ramp_starts_with_single_objects():
+    dm = PretrainDataModule(num_entities=20, batch_size=8, vision_batch_size=2, vision_steps=0, object_ramp_steps=10)
+    stream = dm.stream
+    assert [stream._ramped(s).max_objects for s in (0, 1, 2, 4, 9, 10)] == [1, 1, 2, 3, 5, 5]
+    assert stream._ramped(0).distractor_prob == 0.0 and stream._ramped(10) == stream.sampling
 
 
 class _Trace(L.Callback):
@@ -137,19 +147,37 @@ def test_a_restart_leaves_the_stream_before_it_unchanged():
             torch.testing.assert_close(a[key], b[key])
 
 
-def test_crowded_stage_three_scenes_have_four_to_six_objects_and_a_referent():
+def test_crowded_scenes_have_six_to_nine_objects():
     rng, facts = random.Random(0), build_knowledge(20)
-    only_position = {"colour": 0.0, "shape": 0.0, "size": 0.0, "count": 0.0, "position": 1.0}
+    only_position = {q: float(q == "position") for q in QTYPES}
     counts = set()
     for _ in range(100):
-        scene, [(task, prompt, answer)] = sample_examples(
+        scene, [(task, _, answer)] = sample_examples(
             rng, facts, {"vqa": 1.0}, only_position, distractor_prob=1.0, crowded_prob=1.0
         )
         counts.add(scene.count())
-        assert task == "vqa_position"
-        named = [o for o in scene.objects if o.colour in prompt.split() and o.shape in prompt.rstrip("?").split()]
-        assert [o.position for o in named] == [answer]
-    assert counts == {4, 5, 6}
+        assert task == "vqa_position" and answer in {o.position for o in scene.objects}
+    assert counts == {6, 7, 8, 9}
+
+
+def test_a_frozen_tower_keeps_its_stage_one_weights(tmp_path):
+    dm = PretrainDataModule(num_entities=20, batch_size=4, vision_batch_size=2, vision_steps=2)
+    module = PretrainModule(str(tmp_path / "model"), warmup_steps=1, freeze_tower=True)
+
+    class _Tower(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 2:  # the first step of stage 2: the tower as stage 1 left it
+                self.after_stage1 = {k: v.clone() for k, v in pl_module.model.model.vision_tower.state_dict().items()}
+                self.vision_batch = "vision_pixels" in batch
+
+    tower = _Tower()
+    _trainer(5, tower).fit(module, dm)
+    final = module.model.model.vision_tower.state_dict()
+    assert not tower.vision_batch
+    for key, value in tower.after_stage1.items():
+        torch.testing.assert_close(final[key], value, rtol=0, atol=0)
+    text = module.model.model.language_model.layers[0].mlp.down_proj.weight
+    assert text.requires_grad
 
 
 MODEL = Path(__file__).parents[2] / "models" / "tiny_llava"

@@ -5,7 +5,20 @@ import random
 
 import numpy as np
 
-from more_lightning.world.scenes import BACKGROUND, CELL, COLOURS, render, sample_scene
+from more_lightning.world.scenes import (
+    BACKGROUND,
+    CELL,
+    COLOURS,
+    GRID,
+    LIGHT,
+    NUM_CELLS,
+    Scene,
+    SceneObject,
+    cell_region,
+    region_cells,
+    render,
+    sample_scene,
+)
 
 
 def _png(image) -> bytes:
@@ -23,16 +36,20 @@ def test_same_seed_same_bytes():
 
 
 def _cell_content(image, tolerance: int = 60) -> list[str | None]:
-    """Per cell: the scene colour most of its object-like pixels are close to, or None if empty."""
+    """Per cell: the scene colour most of its object-like pixels are close to, or None if empty.
+
+    A jittered object 1 px wider than nominal may spill one pixel column into the next cell: fewer than 20
+    pixels do not count as content.
+    """
     pixels = np.asarray(image, dtype=np.int32)  # (H, W, 3)
     names, palette = list(COLOURS), np.array(list(COLOURS.values()))  # (C, 3)
     content = []
-    for cell in range(9):
-        row, col = divmod(cell, 3)
+    for cell in range(NUM_CELLS):
+        row, col = divmod(cell, GRID)
         patch = pixels[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL].reshape(-1, 3)  # (256, 3)
         distance = np.abs(patch[:, None, :] - palette[None]).max(-1)  # (256, C)
         near = distance.min(-1) < tolerance
-        content.append(names[np.bincount(distance[near].argmin(-1)).argmax()] if near.sum() >= 12 else None)
+        content.append(names[np.bincount(distance[near].argmin(-1)).argmax()] if near.sum() >= 20 else None)
     return content
 
 
@@ -42,7 +59,7 @@ def test_rephrase_differs_in_pixels_not_content():
         scene = sample_scene(rng)
         plain, jittered = render(scene), render(scene, jitter=True, seed=i)
         assert (np.asarray(plain) != np.asarray(jittered)).any()
-        expected = [None] * 9
+        expected = [None] * NUM_CELLS
         for obj in scene.objects:
             expected[obj.cell] = obj.colour
         assert _cell_content(plain) == expected
@@ -52,3 +69,30 @@ def test_rephrase_differs_in_pixels_not_content():
 def test_background_is_flat_without_jitter():
     image = render(sample_scene(random.Random(3)))
     assert image.getpixel((0, 0)) in (BACKGROUND, *COLOURS.values())
+
+
+def test_objects_sit_in_distinct_regions_of_four_cells():
+    assert sorted(c for r in range(9) for c in region_cells(r)) == list(range(NUM_CELLS))
+    assert all(cell_region(c) == r for r in range(9) for c in region_cells(r))
+    rng = random.Random(4)
+    for _ in range(200):
+        scene = sample_scene(rng, max_objects=9)
+        regions = [o.region for o in scene.objects]
+        assert len(set(regions)) == len(regions) and 1 <= scene.count() <= 9
+
+
+def test_patterns_are_drawn_as_named():
+    """Solid: only the colour; striped / checked: the colour and white; hollow: the colour and background inside."""
+    seen = {}
+    for pattern in ("solid", "striped", "checked", "hollow"):
+        image = np.asarray(render(Scene((SceneObject("square", "red", pattern, "large", 14),))), dtype=np.int32)
+        row, col = divmod(14, GRID)
+        cell = image[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL].reshape(-1, 3)
+        seen[pattern] = {tuple(p) for p in cell}
+    red = COLOURS["red"]
+    assert seen["solid"] == {red, BACKGROUND}
+    assert seen["striped"] == seen["checked"] == {red, LIGHT, BACKGROUND}
+    assert seen["hollow"] == {red, BACKGROUND}
+    solid = np.asarray(render(Scene((SceneObject("square", "red", "solid", "large", 14),))))
+    hollow = np.asarray(render(Scene((SceneObject("square", "red", "hollow", "large", 14),))))
+    assert (hollow == red).all(-1).sum() < 0.6 * (solid == red).all(-1).sum()
