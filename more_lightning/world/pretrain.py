@@ -110,7 +110,12 @@ def cell_labels(scene: Scene) -> Tensor:
     colours, sizes = list(COLOURS), list(SIZES)
     for o in scene.objects:
         labels[o.cell, :4] = torch.tensor(
-            [SHAPES.index(o.shape) + 1, colours.index(o.colour) + 1, PATTERNS.index(o.pattern) + 1, sizes.index(o.size) + 1]
+            [
+                SHAPES.index(o.shape) + 1,
+                colours.index(o.colour) + 1,
+                PATTERNS.index(o.pattern) + 1,
+                sizes.index(o.size) + 1,
+            ]
         )
     return labels
 
@@ -295,7 +300,9 @@ class WorldStream(IterableDataset):
         labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows])  # (B, T)
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])  # (B, T)
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "task": torch.tensor(tasks)}
-        batch["pixel_values"] = torch.stack(images) if images else torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE)  # (Bi, 3, H, W)
+        batch["pixel_values"] = (
+            torch.stack(images) if images else torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE)
+        )  # (Bi, 3, H, W)
         return batch
 
     def _ramped(self, lm_step: int) -> Sampling:
@@ -304,7 +311,9 @@ class WorldStream(IterableDataset):
         if lm_step >= self.object_ramp_steps:
             return self.sampling
         most = 1 + lm_step * self.sampling.max_objects // self.object_ramp_steps
-        return replace(self.sampling, max_objects=most, distractor_prob=0.0 if most < 2 else self.sampling.distractor_prob)
+        return replace(
+            self.sampling, max_objects=most, distractor_prob=0.0 if most < 2 else self.sampling.distractor_prob
+        )
 
     @override
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
@@ -415,6 +424,8 @@ class PretrainModule(L.LightningModule):
         init_from: start from this saved tiny LLaVA instead of fresh weights, e.g. to run stage 3
             alone on a stage-2 model: ``--model.init_args.init_from DIR --trainer.max_steps 800
             --data.init_args.vision_steps 0`` (with ``restart_steps: 800``).
+        length_chunks: run each language-modelling batch in this many groups of rows of similar
+            length (same loss; less padded work where captions are much longer than the rest).
         freeze_tower: freeze the vision tower after stage 1, as LLaVA keeps its CLIP tower frozen.
             Measured: with the tower trained on by the language-modelling loss from a random
             projector, its per-object attribute accuracy fell from 0.86 to 0.01 within 50 steps.
@@ -436,6 +447,7 @@ class PretrainModule(L.LightningModule):
         num_threads: int = 2,
         init_from: str | None = None,
         freeze_tower: bool = False,
+        length_chunks: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -477,16 +489,33 @@ class PretrainModule(L.LightningModule):
         return torch.stack(losses).mean(), right[occupied].float().mean()
 
     def _lm_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if batch["pixel_values"].numel():
-            kwargs["pixel_values"] = batch["pixel_values"]
-        logits = self.model(**kwargs).logits[:, :-1]  # (B, T-1, V)
-        labels = batch["labels"][:, 1:]  # (B, T-1)
-        token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # (B, T-1)
-        supervised = labels != IGNORE
-        per_example = (token_loss * supervised).sum(1) / supervised.sum(1)  # (B,)
-        exact = ((logits.argmax(-1) == labels) | ~supervised).all(1)  # (B,)
-        return per_example.mean(), exact
+        """Mean per-example loss and per-example exact match, the batch run in ``length_chunks`` groups of
+        similar length, each cut to its own longest row (right padding never changes a causal model's
+        outputs at the rows' own positions, so the chunks only skip padded work)."""
+        lengths = batch["attention_mask"].sum(1)  # (B,)
+        has_image = (batch["input_ids"] == self.stream.encoder.image_token_id).any(1)  # (B,)
+        image_row = has_image.long().cumsum(0) - 1  # (B,): each row's index into pixel_values
+        order = torch.argsort(lengths, stable=True)
+        losses = torch.zeros(len(lengths), device=lengths.device)
+        exact = torch.zeros(len(lengths), dtype=torch.bool, device=lengths.device)
+        for rows in order.tensor_split(self.hparams.length_chunks):
+            if not len(rows):
+                continue
+            width = int(lengths[rows].max())
+            kwargs = {
+                "input_ids": batch["input_ids"][rows, :width],
+                "attention_mask": batch["attention_mask"][rows, :width],
+            }
+            with_image = rows[has_image[rows]]
+            if len(with_image):
+                kwargs["pixel_values"] = batch["pixel_values"][image_row[with_image]]
+            logits = self.model(**kwargs).logits[:, :-1]  # (b, t-1, V)
+            labels = batch["labels"][rows, 1:width]  # (b, t-1)
+            token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+            supervised = labels != IGNORE
+            losses[rows] = (token_loss * supervised).sum(1) / supervised.sum(1)
+            exact[rows] = ((logits.argmax(-1) == labels) | ~supervised).all(1)
+        return losses.mean(), exact
 
     @property
     def restart_step(self) -> int:

@@ -141,7 +141,15 @@ def _polygon(shape: str, cx: float, cy: float, w: float) -> list[tuple[float, fl
         return [(cx - h, cy - h / 2), (cx + h, cy - h / 2), (cx + h, cy + h / 2), (cx - h, cy + h / 2)]
     if shape == "arrow":  # pointing up: a head over a shaft
         t = w / 5
-        return [(cx, cy - h), (cx + h, cy), (cx + t, cy), (cx + t, cy + h), (cx - t, cy + h), (cx - t, cy), (cx - h, cy)]
+        return [
+            (cx, cy - h),
+            (cx + h, cy),
+            (cx + t, cy),
+            (cx + t, cy + h),
+            (cx - t, cy + h),
+            (cx - t, cy),
+            (cx - h, cy),
+        ]
     raise ValueError(f"no polygon for shape {shape!r}")
 
 

@@ -212,3 +212,20 @@ def test_init_from_refuses_a_model_of_another_vocabulary(tmp_path):
     module = PretrainModule(str(tmp_path / "model"), restart_steps=1, init_from=str(MODEL))
     with pytest.raises(ValueError, match=r"tokenizer\.json is not this world's tokenizer"):
         _trainer(1).fit(module, dm)
+
+
+def test_length_chunks_give_the_same_loss_as_one_padded_batch():
+    dm = PretrainDataModule(num_entities=20, batch_size=12, vision_batch_size=2, vision_steps=0)
+    batch = next(iter(dm.train_dataloader()))
+    module = PretrainModule("unused", length_chunks=1)
+    module.trainer = L.Trainer(accelerator="cpu", logger=False)
+    module.trainer.datamodule = dm
+    module.configure_model()
+    module.model.eval()
+    one_loss, one_exact = module._lm_loss(batch)
+    module.hparams.length_chunks = 3
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # the chunks do cut padding
+    three_loss, three_exact = module._lm_loss(batch)
+    torch.testing.assert_close(three_loss, one_loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(three_exact, one_exact)
