@@ -222,10 +222,30 @@ def test_length_chunks_give_the_same_loss_as_one_padded_batch():
     module.trainer.datamodule = dm
     module.configure_model()
     module.model.eval()
-    one_loss, one_exact = module._lm_loss(batch)
+    one_loss, one_exact, _ = module._lm_loss(batch)
     module.hparams.length_chunks = 3
     lengths = batch["attention_mask"].sum(1)
     assert lengths.min() < lengths.max()  # the chunks do cut padding
-    three_loss, three_exact = module._lm_loss(batch)
+    three_loss, three_exact, _ = module._lm_loss(batch)
     torch.testing.assert_close(three_loss, one_loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(three_exact, one_exact)
+
+
+def test_dense_loss_is_the_mean_log_likelihood_of_each_objects_words():
+    dm = _datamodule()
+    module = PretrainModule("unused", dense_weight=1.0)
+    module.stream = dm.stream
+    image_id = dm.stream.encoder.image_token_id
+    scenes = [sample_scene(random.Random(k), max_objects=4) for k in range(2)]
+    words = torch.stack([dm.stream.cell_words(s) for s in scenes])  # (2, 36, 6)
+    input_ids = torch.tensor([[2, 7, *([image_id] * 36), 9, 9]] * 2)  # (2, 40)
+    logits = torch.randn(2, 40, len(dm.tokenizer), generator=torch.Generator().manual_seed(0))
+    total, count = 0.0, 0
+    for b, scene in enumerate(scenes):
+        for obj in scene.objects:
+            text = f"{obj.size} {obj.colour} {obj.pattern} {obj.shape} {obj.position}"
+            for word in text.split():
+                logp = logits[b, 2 + obj.cell].log_softmax(-1)
+                total -= float(logp[dm.tokenizer.convert_tokens_to_ids(word)])
+                count += 1
+    torch.testing.assert_close(module._dense_loss(logits, input_ids, words), torch.tensor(total / count))
