@@ -71,6 +71,10 @@ LONG = "long"
 LONG_FILES = {("vqa", LONG): "vqa_long", ("caption", LONG): "caption_long_edit"}
 #: The settings the long split was drawn with, compared by every later build of the main benchmark.
 LONG_STAMP = Path("truth") / "long_split.json"
+#: The settings the main benchmark was drawn with: ``--if-missing`` rewrites a benchmark drawn otherwise.
+MAIN_STAMP = Path("truth") / "main_split.json"
+#: Version of the world's generator (scenes, questions, benchmark layout); part of every stamp.
+WORLD_VERSION = 2
 
 
 @dataclass
@@ -333,7 +337,13 @@ def draw_settings(
     seed: int = 0, num_entities: int = 200, knowledge_seed: int = 0, model: str | None = None
 ) -> dict[str, int | str | None]:
     """What every record depends on besides its index: the seed, the knowledge base and the model's weights."""
-    return {"seed": seed, "num_entities": num_entities, "knowledge_seed": knowledge_seed, "model": model_digest(model)}
+    return {
+        "world": WORLD_VERSION,
+        "seed": seed,
+        "num_entities": num_entities,
+        "knowledge_seed": knowledge_seed,
+        "model": model_digest(model),
+    }
 
 
 def _remove_split(out: Path, task: str, split: str) -> None:
@@ -413,6 +423,7 @@ def build_benchmark(
     predict = ModelPredict(model, threads) if model else None
     sizes = {}
     if write_main:
+        (out / MAIN_STAMP).unlink(missing_ok=True)  # first: a half-written benchmark never looks complete
         shutil.rmtree(out / "mme", ignore_errors=True)
         for task, split in FILES:
             _remove_split(out, task, split)
@@ -422,6 +433,7 @@ def build_benchmark(
             for split, n in (("train", num_train), ("eval", num_eval)):
                 sizes[FILES[(task, split)]] = len(write_split(out, task, split, n, seed, facts, predict))
         sizes["mme_questions"] = write_mme(out, mme_images, seed)
+        (out / MAIN_STAMP).write_text(json.dumps({"settings": settings, "sizes": sizes}, indent=1) + "\n")
     if num_long > 0:
         _remove_long(out)
         for task, split in LONG_FILES:
@@ -436,8 +448,13 @@ def build_benchmark(
     return sizes
 
 
-def _has_main(out: Path) -> bool:
-    return all((out / f"{name}.json").is_file() for name in FILES.values()) and (out / "mme").is_dir()
+def _has_main(out: Path, settings: dict) -> bool:
+    """Whether ``out`` holds the complete main benchmark drawn with ``settings`` (world version, seed,
+    knowledge base, model weights)."""
+    stamp = out / MAIN_STAMP
+    if not stamp.is_file() or not all((out / f"{name}.json").is_file() for name in FILES.values()):
+        return False
+    return json.loads(stamp.read_text())["settings"] == settings and (out / "mme").is_dir()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -454,8 +471,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--if-missing",
         action="store_true",
-        help="write only the requested parts that are missing: the main benchmark when its four files or mme/ are, "
-        "the long split when it is absent or was written with another N, seed, knowledge base or model",
+        help="write only the requested parts that are missing: the main benchmark when it is absent, incomplete or "
+        "was written by another world version or with another seed, knowledge base or model, the long split when it "
+        "is absent or was written with another N, world version, seed, knowledge base or model",
     )
     parser.add_argument("--stats", action="store_true", help="print every file's fidelity figures beside real ones")
     args = parser.parse_args(argv)
@@ -466,8 +484,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
     write_main, num_long = not args.only_long, args.long
-    if args.if_missing and write_main and _has_main(out):
-        log.info("%s already holds the benchmark; remove it to regenerate", out)
+    if args.if_missing and write_main and _has_main(out, draw_settings(args.seed, model=args.model)):
+        log.info("%s already holds the benchmark drawn with these settings and model", out)
         write_main = False
     if args.if_missing and num_long:
         stamp = long_split_stamp(out)

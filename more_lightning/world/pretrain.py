@@ -143,9 +143,19 @@ class Encoder:
     def target_ids(self, target: str) -> list[int]:
         return self.tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
 
-    def __call__(self, prompt: str, target: str, with_image: bool) -> tuple[list[int], list[int]]:
+    def __call__(
+        self, prompt: str, target: str, with_image: bool, more: list[tuple[str, str]] = ()
+    ) -> tuple[list[int], list[int]]:
+        """Ids and labels of the query, then of each (prompt, target) of ``more`` as further turns of the
+        conversation (``USER: ... ASSISTANT: ...`` after the ``</s>`` that ends the answer before)."""
         prompt_ids, target_ids = self.prompt_ids(prompt, with_image), self.target_ids(target)
-        return prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + target_ids
+        ids, labels = prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + target_ids
+        for turn, answer in more:
+            turn_ids = self.tokenizer(LLAVA_TEXT_TEMPLATE.format(prompt=turn), add_special_tokens=False)["input_ids"]
+            answer_ids = self.target_ids(answer)
+            ids += turn_ids + answer_ids
+            labels += [IGNORE] * len(turn_ids) + answer_ids
+        return ids, labels
 
 
 def confusable_scene(rng: random.Random, max_objects: int = MAX_OBJECTS) -> Scene:
@@ -234,6 +244,7 @@ class Sampling:
     distractor_prob: float = 0.0
     crowded_prob: float = 0.0
     max_objects: int = MAX_OBJECTS
+    vqa_turns: int = 1
 
 
 class WorldStream(IterableDataset):
@@ -299,7 +310,8 @@ class WorldStream(IterableDataset):
             )
             image = self._image(scene, rng) if scene is not None else None
             for task, prompt, target in examples:
-                rows.append(self.encoder(prompt, target, scene is not None))
+                more = self._more_turns(scene, sampling, rng) if task.startswith("vqa_") else []
+                rows.append(self.encoder(prompt, target, scene is not None, more))
                 if image is not None:
                     images.append(image)
                     words.append(self.cell_words(scene))
@@ -316,6 +328,16 @@ class WorldStream(IterableDataset):
         )  # (Bi, 3, H, W)
         batch["cell_words"] = torch.stack(words) if words else torch.zeros(0, NUM_CELLS, 6, dtype=torch.long)
         return batch
+
+    def _more_turns(self, scene: Scene, sampling: Sampling, rng: random.Random) -> list[tuple[str, str]]:
+        """``sampling.vqa_turns - 1`` further questions about the same scene (types drawn by the weights)."""
+        turns = []
+        while len(turns) < sampling.vqa_turns - 1:
+            qtype = rng.choices(QTYPES, weights=[sampling.qtype_weights[q] for q in QTYPES])[0]
+            item = make_vqa(scene, qtype, rng)
+            if item is not None:
+                turns.append((item.question, item.answer))
+        return turns
 
     def _ramped(self, lm_step: int) -> Sampling:
         """Stage 2's sampling at its ``lm_step``-th step: scenes of at most one object at first, one more
@@ -362,10 +384,13 @@ class PretrainDataModule(L.LightningDataModule):
         restart_mix, restart_qtype_weights, restart_distractor_prob: the same during stage 3 (the
             module's ``restart_steps``); None = as in stage 2.
         crowded_prob: share of stage 2's hard scenes that are a :func:`crowded_scene`.
+        vqa_turns: questions per VQA row: the first as the engine encodes a query, the others as
+            further turns of the conversation about the same image (more answers per image forward).
         object_ramp_steps: a curriculum over the first steps of stage 2: scenes of one object at
             first, one more allowed every ``object_ramp_steps / 5`` steps.
         restart_crowded_prob: share of stage 3's hard scenes that are a :func:`crowded_scene`
-            (4–6 objects) rather than a close-distractor scene.
+            (6–9 objects) rather than a :func:`confusable_scene`.
+        restart_vqa_turns: ``vqa_turns`` of stage 3 (None = as in stage 2).
     """
 
     def __init__(
@@ -386,6 +411,8 @@ class PretrainDataModule(L.LightningDataModule):
         restart_crowded_prob: float = 0.0,
         crowded_prob: float = 0.0,
         object_ramp_steps: int = 0,
+        vqa_turns: int = 1,
+        restart_vqa_turns: int | None = None,
         spec: TinyLlavaSpec | None = None,
     ) -> None:
         super().__init__()
@@ -393,12 +420,19 @@ class PretrainDataModule(L.LightningDataModule):
         self.tokenizer = world_tokenizer(self.facts)
         self.spec = spec or TinyLlavaSpec()
         self.processor = build_processor(self.tokenizer, self.spec)
-        sampling = Sampling(mix or DEFAULT_MIX, qtype_weights or DEFAULT_QTYPE_WEIGHTS, distractor_prob, crowded_prob)
+        sampling = Sampling(
+            mix or DEFAULT_MIX,
+            qtype_weights or DEFAULT_QTYPE_WEIGHTS,
+            distractor_prob,
+            crowded_prob,
+            vqa_turns=vqa_turns,
+        )
         restart_sampling = Sampling(
             restart_mix or sampling.mix,
             restart_qtype_weights or sampling.qtype_weights,
             distractor_prob if restart_distractor_prob is None else restart_distractor_prob,
             restart_crowded_prob,
+            vqa_turns=vqa_turns if restart_vqa_turns is None else restart_vqa_turns,
         )
         self.stream = WorldStream(
             Encoder(self.processor),

@@ -130,3 +130,24 @@ def test_attention_split_adds_up_to_the_image_mass(bench):
         for total, ref, others, empty in heads.values():
             assert 0 <= total <= 1 + 1e-5
             assert abs(ref + others + empty - total) < 1e-5
+
+
+def test_if_missing_rewrites_a_benchmark_drawn_by_another_world_or_model(bench, tmp_path, caplog):
+    import shutil
+
+    from more_lightning.world.benchmark import MAIN_STAMP
+
+    root = tmp_path / "embedded"
+    shutil.copytree(bench, root)
+    caplog.set_level("INFO")
+    args = ["--out", str(root), "--if-missing", "--num-train", "12", "--num-eval", "15", "--mme-images", "4"]
+    main(args)
+    assert "already holds the benchmark" in caplog.text
+    stamp = json.loads((root / MAIN_STAMP).read_text())
+    stamp["settings"]["world"] = 1  # as if an older generator (or another model) had drawn it
+    (root / MAIN_STAMP).write_text(json.dumps(stamp))
+    (root / "vqa_eval.json").write_text("[]")
+    caplog.clear()
+    main(args)
+    assert "already holds the benchmark" not in caplog.text
+    assert _snapshot(root) == _snapshot(bench)

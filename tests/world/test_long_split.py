@@ -101,7 +101,7 @@ def test_stamp_records_size_draws_and_settings(bench):
     root, _ = bench
     stamp = long_split_stamp(root)
     assert stamp["records"] == N
-    assert stamp["settings"] == {"seed": 0, "num_entities": 200, "knowledge_seed": 0, "model": None}
+    assert stamp["settings"] == {"world": 2, "seed": 0, "num_entities": 200, "knowledge_seed": 0, "model": None}
     assert all(stamp["draws"][name] >= N for name in LONG_FILES.values())
 
 

@@ -249,3 +249,15 @@ def test_dense_loss_is_the_mean_log_likelihood_of_each_objects_words():
                 total -= float(logp[dm.tokenizer.convert_tokens_to_ids(word)])
                 count += 1
     torch.testing.assert_close(module._dense_loss(logits, input_ids, words), torch.tensor(total / count))
+
+
+def test_further_turns_follow_the_answer_and_only_answers_are_labelled():
+    dm = _datamodule()
+    encoder = Encoder(dm.processor)
+    ids, labels = encoder("what colour is the star?", "red", True, [("how big is the star?", "large")])
+    tokens = dm.tokenizer.convert_ids_to_tokens(ids)
+    text = " ".join(t for t in tokens if t != "<image>")
+    assert text.endswith("? assistant : red </s> user : how big is the star ? assistant : large </s>")
+    supervised = [t for t, label in zip(tokens, labels, strict=True) if label != IGNORE]
+    assert supervised == ["red", "</s>", "large", "</s>"]
+    assert [label for label in labels if label != IGNORE] == dm.tokenizer.convert_tokens_to_ids(supervised)
