@@ -20,6 +20,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import warnings
+
 from lightning.pytorch.cli import LightningCLI
 
 from more_lightning.data.schema import DataFileError
@@ -61,11 +63,53 @@ def find_last_checkpoint(root: Path | None) -> Path:
     return candidates[-1]
 
 
+DESCRIPTION = (
+    "more-lightning: online (lifelong) editing of multimodal LLMs. `fit` runs an edit stream (or the embedded "
+    "world's pretraining) from a config in configs/, e.g. `python cli.py fit --config configs/tiny_llava_eic.yaml`."
+)
+#: Where configs live; ``--config NAME.yaml`` that is not a path is looked up here.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_args(args: list[str]) -> list[str]:
+    """``args`` with every ``--config X`` / ``-c X`` / ``--config=X`` that names no file but a file of
+    ``configs/`` pointed at that file.
+
+    Raises:
+        FileNotFoundError: ``X`` is neither, naming where the configs are.
+    """
+    out = list(args)
+    for i, arg in enumerate(out):
+        value, prefix = None, ""
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            value, i = out[i + 1], i + 1
+        elif arg.startswith("--config="):
+            value, prefix = arg.split("=", 1)[1], "--config="
+        if value is None or value.lstrip().startswith(("{", "[")) or Path(value).is_file():
+            continue
+        candidate = CONFIG_DIR / value
+        if candidate.is_file():
+            out[i] = prefix + str(candidate)
+            continue
+        names = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))[:6])
+        raise FileNotFoundError(
+            f"config {value} not found, nor {candidate}; the configs are in {CONFIG_DIR} ({names}, ...)"
+        )
+    return out
+
+
 def main(args: list[str] | None = None) -> LightningCLI:
+    if args is None:  # from the command line: LightningCLI reads sys.argv itself
+        sys.argv[1:] = resolve_config_args(sys.argv[1:])
+    else:
+        args = resolve_config_args(args)
+    # the frozen backbone is kept in eval mode on purpose (no dropout while editing); only the editor trains
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     return EditCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION},
         args=args,
     )
 
