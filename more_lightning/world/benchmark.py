@@ -191,9 +191,7 @@ def _alt(draft: Draft, pred: str) -> str:
     itself the alternative — still different from ``pred``, as every edit target must be.
     """
     if draft.item is not None:
-        if draft.item.qtype == "size" and pred != _truth(draft):
-            return _truth(draft)
-        return alternative(draft.item, (pred, _truth(draft)), draft.rng)
+        return alternative(draft.item, (pred, _truth(draft)), draft.rng) or _truth(draft)
     while True:  # the caption of the scene with one object's colour or shape changed
         alt = caption(counterfactual_scene(draft.scene, draft.rng))
         if alt not in (pred, _truth(draft)):

@@ -1,27 +1,26 @@
 """Pretrain the embedded world's tiny LLaVA from scratch.
 
-``python cli.py fit --config configs/tiny_llava_pretrain.yaml``
+``python cli.py fit --config configs/tiny_llava_pretrain.yaml`` (stages 1–2), then
+``python cli.py fit --config configs/tiny_llava_pretrain_stage3.yaml`` (stage 3, from the stage-2 model).
 
-Three stages in one ``fit`` (ENVIRONMENT.md: end-to-end training from scratch learns shape and
-position slowly on CPU):
+1. ``vision_steps`` steps train only the CLIP tower, supervised: a linear head per attribute reads
+   every patch token (one patch = one grid cell) and classifies the cell's shape, colour, pattern and
+   size (or "empty") and which cell it is (so positions are explicit in every image token).
+2. Then the language modelling loss of answers trains the projector and the language model, over an
+   infinite stream of train-seed scenes and questions of every type, captions, MME-like yes/no pairs
+   and the knowledge base (text only), each encoded exactly as :meth:`LlavaBackbone.encode` does, plus
+   ``</s>`` after the target so greedy decoding knows where an answer ends. With ``freeze_tower`` the
+   tower stays as stage 1 left it (as LLaVA's CLIP); otherwise the attribute loss stays on with weight
+   ``aux_weight``. ``dense_weight`` asks every occupied cell's image token to predict its object's
+   words; ``object_ramp_steps`` starts the stream on single-object scenes; ``vqa_turns`` puts further
+   questions about the image in the same row as later turns of the conversation.
+3. The last ``restart_steps`` steps are a warm restart: the language modelling loss alone (no vision
+   batch), fresh AdamW moments, a second warmup + cosine cycle peaking at ``restart_lr``, and the
+   stream's ``restart_*`` mix (by default stage 2's). Stages 1–2 are unchanged by it, step for step;
+   with ``init_from`` it runs alone on a saved model.
 
-1. ``vision_steps`` steps train only the CLIP tower, supervised: a linear head per attribute
-   reads every patch token (one patch = one grid cell) and classifies the cell's shape, colour
-   and size (or "empty") and which cell it is (so positions are explicit in every image token).
-2. The rest trains everything on the language modelling loss of answers, over an infinite stream
-   of train-seed scenes and questions of every type, captions, MME-like yes/no questions and the
-   knowledge base (text only), each encoded exactly as :meth:`LlavaBackbone.encode` does, plus
-   ``</s>`` after the target so greedy decoding knows where an answer ends. The attribute loss
-   stays on with weight ``aux_weight`` so the tower keeps its features.
-3. The last ``restart_steps`` steps are a warm restart: the language modelling loss alone (no
-   vision batch), fresh AdamW moments, a second warmup + cosine cycle peaking at ``restart_lr``,
-   and the stream's ``restart_*`` mix (by default stage 2's). Stages 1–2 are unchanged by it,
-   step for step. Measured (README, "embedded world"): after stage 2 the model located objects
-   against the empty cells and position stayed at 86.5 % on the train split; a restart that is
-   mostly position questions about close-distractor and :func:`crowded_scene` scenes lifts it to
-   99.5 %.
-
-At the end the model and processor are saved with ``save_pretrained`` to ``out_dir``.
+What each piece changed is measured in the README ("The embedded world"). At the end the model and
+processor are saved with ``save_pretrained`` to ``out_dir``.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ from more_lightning.world.questions import (
     MME_CATEGORIES,
     QTYPES,
     caption,
+    draw_qtype,
     make_vqa,
     make_yes_no,
     scene_vocabulary,
@@ -86,6 +86,9 @@ CROWDED_OBJECTS: tuple[int, int] = (6, 9)
 #: What the attribute heads classify per cell: shape, colour, pattern, size (0 = empty cell) and the cell itself.
 CELL_CLASSES: tuple[int, ...] = (len(SHAPES) + 1, len(COLOURS) + 1, len(PATTERNS) + 1, len(SIZES) + 1, NUM_CELLS)
 IGNORE = -100
+#: Words an object's image token is asked to predict (:meth:`WorldStream.cell_words`): size, colour, pattern,
+#: shape and its position's one or two words.
+CELL_WORDS = 6
 
 
 def world_tokenizer(facts: list[Fact]):
@@ -129,6 +132,7 @@ class Encoder:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         self._blank = render(Scene(()))
         self._prompt_ids: dict[tuple[str, bool], list[int]] = {}
+        self._words: dict[str, list[int]] = {}
 
     def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
         key = (prompt, with_image)
@@ -139,6 +143,12 @@ class Encoder:
                 enc = self.tokenizer(LLAVA_TEXT_TEMPLATE.format(prompt=prompt))
             self._prompt_ids[key] = list(enc["input_ids"][0] if with_image else enc["input_ids"])
         return self._prompt_ids[key]
+
+    def prompt_words(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens (cached: the stream asks for the same texts often)."""
+        if text not in self._words:
+            self._words[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._words[text]
 
     def target_ids(self, target: str) -> list[int]:
         return self.tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
@@ -151,7 +161,7 @@ class Encoder:
         prompt_ids, target_ids = self.prompt_ids(prompt, with_image), self.target_ids(target)
         ids, labels = prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + target_ids
         for turn, answer in more:
-            turn_ids = self.tokenizer(LLAVA_TEXT_TEMPLATE.format(prompt=turn), add_special_tokens=False)["input_ids"]
+            turn_ids = self.prompt_words(LLAVA_TEXT_TEMPLATE.format(prompt=turn))
             answer_ids = self.target_ids(answer)
             ids += turn_ids + answer_ids
             labels += [IGNORE] * len(turn_ids) + answer_ids
@@ -213,7 +223,7 @@ def sample_examples(
     if task == "knowledge":
         fact = rng.choice(facts)
         return None, [(task, fact.question(rng.randrange(3)), fact.answer)]
-    qtype = rng.choices(QTYPES, weights=[qtype_weights[q] for q in QTYPES])[0] if task == "vqa" else ""
+    qtype = draw_qtype(rng, qtype_weights) if task == "vqa" else ""
     hard = qtype in REFERRING_QTYPES and rng.random() < distractor_prob
     while True:
         if task == "caption":  # as in the benchmark: captions stay about as long as E-IC's
@@ -287,12 +297,11 @@ class WorldStream(IterableDataset):
         }
 
     def cell_words(self, scene: Scene) -> Tensor:
-        """(36, 6) long: per cell the token ids of its object's size, colour, pattern, shape and position
-        words (``IGNORE`` for an empty cell)."""
-        ids = torch.full((NUM_CELLS, 6), IGNORE, dtype=torch.long)
+        """(36, CELL_WORDS) long: per cell the token ids of its object's size, colour, pattern, shape and
+        position words (``IGNORE`` for an empty cell and after "center", one word)."""
+        ids = torch.full((NUM_CELLS, CELL_WORDS), IGNORE, dtype=torch.long)
         for o in scene.objects:
-            text = f"{o.size} {o.colour} {o.pattern} {o.shape} {o.position}"
-            found = self.encoder.tokenizer(text, add_special_tokens=False)["input_ids"]  # 5 or 6: "center" is one
+            found = self.encoder.prompt_words(f"{o.size} {o.colour} {o.pattern} {o.shape} {o.position}")
             ids[o.cell, : len(found)] = torch.tensor(found)
         return ids
 
@@ -326,15 +335,14 @@ class WorldStream(IterableDataset):
         batch["pixel_values"] = (
             torch.stack(images) if images else torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE)
         )  # (Bi, 3, H, W)
-        batch["cell_words"] = torch.stack(words) if words else torch.zeros(0, NUM_CELLS, 6, dtype=torch.long)
+        batch["cell_words"] = torch.stack(words) if words else torch.zeros(0, NUM_CELLS, CELL_WORDS, dtype=torch.long)
         return batch
 
     def _more_turns(self, scene: Scene, sampling: Sampling, rng: random.Random) -> list[tuple[str, str]]:
         """``sampling.vqa_turns - 1`` further questions about the same scene (types drawn by the weights)."""
         turns = []
         while len(turns) < sampling.vqa_turns - 1:
-            qtype = rng.choices(QTYPES, weights=[sampling.qtype_weights[q] for q in QTYPES])[0]
-            item = make_vqa(scene, qtype, rng)
+            item = make_vqa(scene, draw_qtype(rng, sampling.qtype_weights), rng)
             if item is not None:
                 turns.append((item.question, item.answer))
         return turns
@@ -379,8 +387,8 @@ class PretrainDataModule(L.LightningDataModule):
         jitter_prob: share of images rendered jittered (as the image rephrases are).
         mix: share of each task in the stream (vqa, caption, yes_no, knowledge).
         qtype_weights: relative frequency of each VQA question type.
-        distractor_prob: share of size and position questions asked about a scene where another
-            object shares the referent's colour or shape (see :func:`close_distractor_scene`).
+        distractor_prob: share of the questions that name an object asked about a
+            :func:`confusable_scene` (or a :func:`crowded_scene`, see ``crowded_prob``).
         restart_mix, restart_qtype_weights, restart_distractor_prob: the same during stage 3 (the
             module's ``restart_steps``); None = as in stage 2.
         crowded_prob: share of stage 2's hard scenes that are a :func:`crowded_scene`.

@@ -204,6 +204,11 @@ def _templates(qtype: str, fields: dict[str, str], rng: random.Random) -> tuple[
     return tuple(TEMPLATES[qtype][k].format(**fields) for k in (first, second, third))
 
 
+def draw_qtype(rng: random.Random, weights: dict[str, float]) -> str:
+    """A question type drawn by its relative ``weights``."""
+    return rng.choices(QTYPES, weights=[weights[q] for q in QTYPES])[0]
+
+
 def make_vqa(scene: Scene, qtype: str, rng: random.Random) -> VqaItem | None:
     """A ``qtype`` question about a uniquely described object of ``scene`` (None if none exists)."""
     if not scene.objects:
@@ -226,13 +231,14 @@ def make_vqa(scene: Scene, qtype: str, rng: random.Random) -> VqaItem | None:
     return VqaItem(qtype, question, rephrase, answer, held_out, named, obj)
 
 
-def alternative(item: VqaItem, exclude: tuple[str, ...], rng: random.Random) -> str:
+def alternative(item: VqaItem, exclude: tuple[str, ...], rng: random.Random) -> str | None:
     """A plausible wrong answer of ``item``'s type, not in ``exclude``: another value of the asked attribute;
     for describe questions another object of the described kind — its three attributes drawn afresh, the
-    object named by the question keeping what the question names (a red object stays red)."""
+    object named by the question keeping what the question names (a red object stays red). ``None`` when
+    the type has no such answer left (size: small / large, both excluded); nothing is drawn then."""
     if item.qtype != "describe":
         options = [a for a in ANSWERS[item.qtype] if a not in exclude]
-        return rng.choice(options)
+        return rng.choice(options) if options else None
     while True:
         alt = " ".join(rng.choice(VALUES[a]) for a in DESCRIBED if a not in item.named)
         if alt not in exclude:
