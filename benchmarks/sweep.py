@@ -42,6 +42,30 @@ def split_values(values: str) -> list[str]:
     return [*parts, current]
 
 
+def sweep(config: str, edits: int, grid: list[str], log=print) -> list[dict]:
+    """Every combination of ``grid`` (``key=v1,v2`` items) on the train split, ranked by headline retention Avg.
+
+    Each row: ``retention_avg``, ``immediate_avg``, ``setting`` (short keys), ``overrides``, ``command``, ``metrics``.
+    """
+    keys, values = zip(*(item.split("=", 1) for item in grid), strict=True)
+    rows = []
+    for combo in itertools.product(*(split_values(v) for v in values)):
+        overrides = [x for k, v in zip(keys, combo, strict=True) for x in (f"--{k}", v)]
+        metrics, command = run(config, edits, [*split_file(config, "train"), *overrides])
+        setting = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(keys, combo, strict=True))
+        row = {
+            "retention_avg": headline(metrics, "retention"),
+            "immediate_avg": headline(metrics, "immediate"),
+            "setting": setting,
+            "overrides": overrides,
+            "command": command,
+            "metrics": metrics,
+        }
+        rows.append(row)
+        log(f"{setting}: retention avg {row['retention_avg']:.2f}, immediate avg {row['immediate_avg']:.2f}")
+    return sorted(rows, key=lambda r: -r["retention_avg"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -54,25 +78,17 @@ def main() -> None:
     )
     parser.add_argument("--out", help="write the ranked runs (setting, command, metrics) to this JSON file")
     args = parser.parse_args()
-    keys, values = zip(*(item.split("=", 1) for item in args.grid), strict=True)
-    results = []
-    for combo in itertools.product(*(split_values(v) for v in values)):
-        overrides = [x for k, v in zip(keys, combo, strict=True) for x in (f"--{k}", v)]
-        metrics, command = run(args.config, args.edits, [*split_file(args.config, "train"), *overrides])
-        setting = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(keys, combo, strict=True))
-        results.append((headline(metrics, "retention"), headline(metrics, "immediate"), setting, metrics, command))
-        print(f"{setting}: retention avg {results[-1][0]:.2f}, immediate avg {results[-1][1]:.2f}", flush=True)
-    ranked = sorted(results, key=lambda r: -r[0])
+    ranked = sweep(args.config, args.edits, args.grid, log=lambda line: print(line, flush=True))
     print(f"\nranked by headline retention Avg, {args.edits} edits, train split of {args.config}:")
-    for ret, imm, setting, metrics, _command in ranked:
+    for row in ranked:
+        metrics = row["metrics"]
         parts = " ".join(f"{k}={metrics['retention'][k]:.1f}" for k in KEYS)
-        print(f"  {ret:6.2f} (imm {imm:6.2f}, imm rel {metrics['immediate']['rel']:5.1f})  {setting}  [{parts}]")
+        scores = (
+            f"{row['retention_avg']:6.2f} (imm {row['immediate_avg']:6.2f}, imm rel {metrics['immediate']['rel']:5.1f})"
+        )
+        print(f"  {scores}  {row['setting']}  [{parts}]")
     if args.out:
-        rows = [
-            {"retention_avg": ret, "immediate_avg": imm, "setting": setting, "command": command, "metrics": metrics}
-            for ret, imm, setting, metrics, command in ranked
-        ]
-        Path(args.out).write_text(json.dumps({"config": args.config, "edits": args.edits, "runs": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"config": args.config, "edits": args.edits, "runs": ranked}, indent=1))
         print(f"wrote {args.out}")
 
 
