@@ -29,10 +29,12 @@ def stream_config(
     data_file: str = "vqa_eval.json",
     num_edits: int = 3,
     editor: str = "{r: 16, alpha: 32, eta: 1.0, lam: 1.0, prior: public}",
+    editor_class: str = "more_lightning.editors.more.MORE",
     save_every: int = 0,
     name: str = "lightning_logs",
 ) -> Path:
-    """Write a CLI config for an M-ORE stream on a tiny LLaVA over MMEdit-schema files in ``data``; returns it.
+    """Write a CLI config for an M-ORE stream (or ``editor_class``'s) on a tiny LLaVA over MMEdit-schema files in
+    ``data``; returns it.
 
     Runs go under ``<path's folder>/runs/<name>/version_N``.
     """
@@ -48,7 +50,7 @@ model:
       class_path: more_lightning.backbones.llava.LlavaBackbone
       init_args: {{path: {model_dir}, num_text_layers: 2}}
     editor:
-      class_path: more_lightning.editors.more.MORE
+      class_path: {editor_class}
       init_args: {editor}
 data:
   class_path: more_lightning.data.datamodule.EditStreamDataModule

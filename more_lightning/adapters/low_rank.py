@@ -134,3 +134,21 @@ def wrap_linear(
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, wrapper)
     return wrapper
+
+
+def unwrap_linear(model: nn.Module, path: str, merge: bool = False) -> nn.Linear:
+    """Put the wrapped ``nn.Linear`` back at ``path`` (the inverse of :func:`wrap_linear`) and return it.
+
+    ``merge=True`` first folds ``scaling · B A`` into its weight; otherwise the weight is the base weight.
+    """
+    wrapper = model.get_submodule(path)
+    if not isinstance(wrapper, LowRankLinear):
+        raise TypeError(f"{path!r} is a {type(wrapper).__name__}, not a LowRankLinear")
+    if merge:
+        wrapper.merge()
+    elif wrapper.merged:
+        wrapper.unmerge()
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, wrapper.base_layer)
+    return wrapper.base_layer

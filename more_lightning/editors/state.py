@@ -54,11 +54,14 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
 
 @torch.no_grad()
 def apply_edit_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor], source: str = "edit state"
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, torch.Tensor],
+    source: str = "edit state",
 ) -> None:
     """Write a state in :func:`edit_state_dict`'s layout into ``model`` and ``optimizer`` (as copies).
 
-    ``source`` names where the state came from in errors.
+    ``source`` names where the state came from in errors. ``optimizer=None`` writes the parameters only.
     """
     params = dict(model.named_parameters())
     for key, value in state.items():
@@ -67,10 +70,33 @@ def apply_edit_state(
             if rest not in params:
                 raise KeyError(f"{source}: parameter {rest!r} is not in this model; was the editor configured alike?")
             params[rest].copy_(value)
-        elif kind == "optim":
+        elif kind == "optim" and optimizer is not None:
             gi, pi, name = rest.split("/", 2)
             param = optimizer.param_groups[int(gi)]["params"][int(pi)]
             optimizer.state[param][name] = value.to(param.device, copy=True)
+
+
+def check_edit_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "edit state") -> None:
+    """Raise ``ValueError`` unless the parameters of ``state`` are exactly ``model``'s trainable parameters, shape for
+    shape: a state written by another editor, rank or set of edit points does not fit."""
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    given = {k.removeprefix("param/"): tuple(v.shape) for k, v in state.items() if k.startswith("param/")}
+    missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+    if missing or unexpected:
+        parts = [
+            f"{what} {', '.join(names[:2])}{', ...' if len(names) > 2 else ''} ({len(names)})"
+            for what, names in (("it lacks", missing), ("it has no place for", unexpected))
+            if names
+        ]
+        raise ValueError(
+            f"{source} does not fit this editor and model: {'; '.join(parts)}; use the config it was written with"
+        )
+    for name, shape in given.items():
+        if shape != expected[name]:
+            raise ValueError(
+                f"{source}: {name} has shape {list(shape)}, this editor has {list(expected[name])} (another rank?); "
+                "use the config it was written with"
+            )
 
 
 def load_edit_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> dict[str, str]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from more_lightning.adapters.low_rank import LowRankLinear, orthonormal_rows, wrap_linear
+from more_lightning.adapters.low_rank import LowRankLinear, orthonormal_rows, unwrap_linear, wrap_linear
 
 
 def test_A_has_orthonormal_rows_and_is_seeded():
@@ -61,3 +61,22 @@ def test_wrap_linear_replaces_by_path_and_caps_rank():
     assert wrap_linear(model, "2", r=16, alpha=32) is wrapper  # idempotent
     with pytest.raises(TypeError, match=r"only nn\.Linear"):
         wrap_linear(model, "1", r=4, alpha=8)
+
+
+def test_unwrap_linear_restores_the_base_layer_with_or_without_the_write():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    base = model[2]
+    w0 = base.weight.detach().clone()
+    for merge in (False, True):
+        wrapper = wrap_linear(model, "2", r=4, alpha=8)
+        with torch.no_grad():
+            wrapper.lora_B.normal_()
+        edited = model(x)
+        assert unwrap_linear(model, "2", merge=merge) is base and model[2] is base
+        if merge:
+            torch.testing.assert_close(model(x), edited)
+        else:
+            assert torch.equal(base.weight, w0)
+    with pytest.raises(TypeError, match="not a LowRankLinear"):
+        unwrap_linear(model, "2")
