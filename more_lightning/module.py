@@ -8,7 +8,13 @@ Per edit t the module
      first inner step and handed to the editor);
   4. evaluates the edit immediately and logs every score against the edit index.
 After the stream a retention pass re-evaluates every edit on the final model; a summary table is
-logged and ``metrics.json`` written into the logger's run folder.
+logged and ``metrics.json`` written into the logger's run folder. Every per-edit curve is logged
+against the edit number t = 1..T: ``immediate/<score>`` right after edit t, ``retention/<score>``
+edit t's score on the final model (the forgetting curve; also ``retention.jsonl`` in the run folder,
+one line per edit), ``edit/*`` and ``diag/*`` for the write, ``rel`` / ``loc`` the stream means so far.
+
+``predict`` answers the questions of the datamodule's ``predict_file`` by greedy decoding
+(:mod:`more_lightning.generate`) on the model with ``load_edit_state`` applied, and writes them as JSONL.
 
 With ``single_edits`` the stream is the single-editing protocol (T = 1 in the paper's tables):
 after each edit is evaluated, the trainable parameters and the optimizer's state are restored to
@@ -56,9 +62,10 @@ from typing_extensions import override
 
 from more_lightning.backbones.base import Backbone, ModelInputs
 from more_lightning.contract import shift_for_loss
-from more_lightning.data.records import EditTuple, Query
+from more_lightning.data.records import EditTuple, PredictItem, Query
 from more_lightning.editors.base import Editor
 from more_lightning.editors.state import apply_edit_state, edit_state_dict, load_edit_state, save_edit_state
+from more_lightning.generate import greedy_answer
 from more_lightning.journal import JOURNAL_NAME, Journal, now, state_sha256
 from more_lightning.keys import KeyCapture
 from more_lightning.metrics import (
@@ -80,6 +87,8 @@ EDIT_KEYS = ("edit", "t_gen", "m_gen")  # supervised with the edit target
 LOC_KEYS = ("t_loc", "m_loc")  # compared with the pre-edit model
 SCORE_OF = {"edit": "rel", "t_gen": "t_gen", "m_gen": "m_gen", "t_loc": "t_loc", "m_loc": "m_loc"}
 HELD_OUT_KEYS = ("t_gen", "m_gen", "t_loc", "m_loc")  # scored on held-out variants, never trained on
+#: per-edit scores on the final model, one JSON line per edit, written by the retention pass
+RETENTION_NAME = "retention.jsonl"
 
 
 @dataclass
@@ -259,6 +268,7 @@ class OnlineEditModule(LightningModule):
         single_edits: restore the editor's parameters and statistics after every edit (the
             single-editing protocol, T = 1); no retention pass, since the final model is the
             unedited one.
+        max_new_tokens: ``predict``: the longest answer generated, in tokens.
     """
 
     def __init__(
@@ -272,6 +282,7 @@ class OnlineEditModule(LightningModule):
         save_every: int = 0,
         load_edit_state: str | None = None,
         single_edits: bool = False,
+        max_new_tokens: int = 32,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -283,8 +294,11 @@ class OnlineEditModule(LightningModule):
         self.single_edits = single_edits
         self.retention = retention and not single_edits
         if save_every < 0:
-            raise ValueError(f"model.save_every must be >= 0, got {save_every}")
+            raise ValueError(f"save_every must be >= 0, got {save_every}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.save_every = save_every
+        self.max_new_tokens = max_new_tokens
         self.load_edit_state = load_edit_state
         self.model, self.processor = backbone.load()
         self.edit_points = backbone.edit_points(self.model)
@@ -464,15 +478,18 @@ class OnlineEditModule(LightningModule):
         self._log_scalars(
             {"edit/loss": float(loss), "edit/seconds": edit_seconds, "edit/editor_seconds": editor_seconds}, step
         )
-        self.log("rel", self.immediate["rel"].compute(), prog_bar=True, on_step=True, batch_size=1)
-        self.log(
-            "loc",
-            (self.immediate["t_loc"].compute() + self.immediate["m_loc"].compute()) / 2,
-            prog_bar=True,
-            on_step=True,
-            batch_size=1,
-        )
+        self._log_running_means(step)
         return loss
+
+    def _log_running_means(self, step: int) -> None:
+        """Stream means so far of Rel and of the two locality scores: logged at edit ``step``, shown on the bar."""
+        running = {
+            "rel": float(self.immediate["rel"].compute()),
+            "loc": float((self.immediate["t_loc"].compute() + self.immediate["m_loc"].compute()) / 2),
+        }
+        self._log_scalars(running, step)
+        for name, value in running.items():  # the bar only: Lightning would log it against its own 0-based step
+            self.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
     def _record_fit(self, after: dict[str, float]) -> dict[str, float]:
         """This edit's NLL and margin before and after its write; it and the write diagnostics join the stream sums."""
@@ -768,22 +785,47 @@ class OnlineEditModule(LightningModule):
             how,
         )
 
+    # --- predict: answer questions with the (loaded) edit state -----------------------------------
+    @override
+    def on_predict_start(self) -> None:
+        if self.load_edit_state:
+            metadata = load_edit_state(self.model, self.editor.configure_optimizer(), self.load_edit_state)
+            rank_zero_info(f"predict: edit state {self.load_edit_state} ({metadata.get('num_edits', '?')} edits)")
+        self._predictions_path = self._predictions_file()
+        self._predictions = self._predictions_path.open("w", encoding="utf-8")
+        self._answered = 0
+
+    def _predictions_file(self) -> Path:
+        """The datamodule's ``predict_out`` if set, else ``predictions.jsonl`` in the run folder."""
+        out = getattr(self.trainer.datamodule, "predict_out", None)
+        path = Path(out) if out else self.run_dir() / "predictions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @override
+    def predict_step(self, batch: PredictItem, batch_idx: int) -> dict:
+        """The greedy answer to one query, also written as a JSON line: index, question, image, answer."""
+        answer = greedy_answer(
+            self.backbone, self.model, self.processor, batch.query, self.max_new_tokens, self.image_token_id
+        )
+        record = batch.record
+        line = {"index": record.index, "question": record.prompt, "image": record.image, "answer": answer}
+        self._predictions.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self._predictions.flush()
+        self._answered += 1
+        return line
+
+    @override
+    def on_predict_end(self) -> None:
+        self._predictions.close()
+        rank_zero_info(f"predict: {self._answered} answers written to {self._predictions_path}")
+
     # --- after the stream ------------------------------------------------------------------------
     @override
     def on_train_epoch_end(self) -> None:
         self._retained_by_question = {}
         if self.retention and self._references:
-            dataset = self.trainer.train_dataloader.dataset
-            per_edit = []
-            for index, refs in sorted(self._references.items()):
-                item = dataset[index]
-                scores = self.evaluate(self.encode(item), refs, self.retained)
-                if index in self._held_out_references:
-                    held_refs = self._held_out_references[index]
-                    held = self.evaluate(self.encode_held_out(item), held_refs, self.retained_held_out)
-                    scores["held_out_avg"] = average_score({**held, "rel": scores["rel"]})
-                per_edit.append((item.edit.prompt, scores))
-            self._retained_by_question = split_by_shared_question(per_edit)
+            self._retention_pass()
         self.save_edit_state()
         self.summary = self._summary()
         step = len(self.timings)
@@ -796,6 +838,33 @@ class OnlineEditModule(LightningModule):
             self._journal.write({"event": "end", "edits": self.edits_done, "time": now()})
             self._journal.close()
             self._journal = None
+
+    def _retention_pass(self) -> None:
+        """Score every edit again on the final model: into the retention metrics, ``retention/<score>`` at edit t
+        (the forgetting curve), ``retention.jsonl`` and the shared / unique question split."""
+        dataset = self.trainer.train_dataloader.dataset
+        rank_zero_info(f"retention pass: scoring the {len(self._references)} edits again on the final model")
+        per_edit, lines = [], []
+        for index, refs in sorted(self._references.items()):
+            item = dataset[index]
+            scores = self.evaluate(self.encode(item), refs, self.retained)
+            held = {}
+            if index in self._held_out_references:
+                held_refs = self._held_out_references[index]
+                held = self.evaluate_held_out(
+                    self.encode_held_out(item), held_refs, self.retained_held_out, rel=scores["rel"]
+                )
+            step = index + 1
+            self._log_scalars({f"retention/{k}": v for k, v in scores.items()}, step)
+            self._log_scalars({f"held_out/retention/{k}": v for k, v in held.items()}, step)
+            lines.append(
+                {"edit": step, "record": item.record, "scores": scores, **({"held_out_scores": held} if held else {})}
+            )
+            per_edit.append((item.edit.prompt, {**scores, **({"held_out_avg": held["avg"]} if held else {})}))
+        self._retained_by_question = split_by_shared_question(per_edit)
+        if self.trainer.is_global_zero:
+            text = "".join(json.dumps(line) + "\n" for line in lines)
+            _atomic_write_text(self.run_dir() / RETENTION_NAME, text)
 
     @staticmethod
     def _totals(metrics: torch.nn.ModuleDict, rel: Reliability) -> dict[str, float]:

@@ -223,3 +223,31 @@ def test_retention_keeps_only_the_answer_positions_of_each_reference(tiny_llava_
             answer_rows = int((inputs[name].labels[:, 1:] != -100).sum())
             assert ref.logp.shape == (answer_rows, vocab) and ref.mask.sum() == answer_rows
             assert answer_rows < inputs[name].labels.shape[1] - 1  # fewer rows than the sequence
+
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_every_curve_is_indexed_by_the_edit_and_retention_logs_the_forgetting_curve(tiny_llava_dir, tmp_path):
+    config = stream_config(tmp_path / "run.yaml", tiny_llava_dir, MMEDIT)
+    cli.main(["fit", "--config", str(config)])
+    run_dir = next((tmp_path / "runs").rglob("metrics.json")).parent
+    scalars = _scalars(run_dir)
+    per_edit = {tag: points for tag, points in scalars.items() if "final_" not in tag}
+    assert {"rel", "loc", "immediate/rel", "retention/rel", "retention/m_loc_agree", "edit/loss"} <= set(per_edit)
+    assert {tag: [step for step, _ in points] for tag, points in per_edit.items()} == {t: [1, 2, 3] for t in per_edit}
+    assert all(step == 3 for tag, points in scalars.items() if "final_" in tag for step, _ in points)
+
+    # the retention curve: edit t's score on the final model, at step t; its mean is the retention figure
+    lines = [json.loads(line) for line in (run_dir / "retention.jsonl").read_text().splitlines()]
+    assert [line["edit"] for line in lines] == [1, 2, 3] and all("held_out_scores" not in x for x in lines)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg"):
+        curve = [value for _, value in per_edit[f"retention/{key}"]]
+        assert curve == pytest.approx([line["scores"][key] for line in lines], abs=1e-4)
+        assert sum(curve) / 3 == pytest.approx(metrics["retention"][key], abs=1e-3)

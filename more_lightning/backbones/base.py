@@ -8,11 +8,12 @@ prompts from a template string. One file per family subclasses :class:`Backbone`
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from more_lightning.contract import EditPoint
@@ -40,6 +41,18 @@ class ModelInputs:
                 cast = dtype if (dtype is not None and value.is_floating_point()) else None
                 moved[name] = value.to(device=device, dtype=cast)
         return type(self)(**moved)  # keep a backbone's subclass (e.g. BLIP-2's flat key rows)
+
+    def append(self, token_ids: Tensor, supervised: bool = False) -> ModelInputs:
+        """These inputs followed by the text tokens ``token_ids`` (B, n), labelled with themselves if ``supervised``."""
+        ones = torch.ones_like(token_ids)
+        labels = token_ids if supervised else torch.full_like(token_ids, -100)
+        return replace(
+            self,
+            input_ids=torch.cat([self.input_ids, token_ids], dim=1),  # (B, T+n)
+            attention_mask=torch.cat([self.attention_mask, ones.to(self.attention_mask.dtype)], dim=1),
+            labels=torch.cat([self.labels, labels], dim=1),
+            image_mask=torch.cat([self.image_mask, torch.zeros_like(token_ids, dtype=torch.bool)], dim=1),
+        )
 
     def model_kwargs(self) -> dict[str, Tensor]:
         kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
@@ -163,34 +176,40 @@ class Backbone:
     def image_token_id(self, processor: object, model: nn.Module) -> int:
         return int(model.config.image_token_id)
 
-    def encode(self, processor: object, query: Query, image_token_id: int) -> ModelInputs:
-        """Tokenise ``prompt`` (through the processor when there is an image) and append the target.
+    def encode_prompt(
+        self, processor: object, prompt: str, image: Image.Image | None, image_token_id: int
+    ) -> ModelInputs:
+        """The prompt alone, templated and tokenised (through the processor when there is an image), unsupervised.
 
-        Only target tokens are supervised; the prompt and image positions get -100.
+        What a model answers from (:mod:`more_lightning.generate`); :meth:`encode` appends the target to it.
         """
-        tokenizer = processor.tokenizer
-        if query.image is not None:
-            text = self.template.format(prompt=query.prompt)
-            enc = processor(text=text, images=query.image, return_tensors="pt")
+        if image is not None:
+            enc = processor(text=self.template.format(prompt=prompt), images=image, return_tensors="pt")
             pixel_values = enc["pixel_values"]
         else:
-            enc = tokenizer(self.text_template.format(prompt=query.prompt), return_tensors="pt")
+            enc = processor.tokenizer(self.text_template.format(prompt=prompt), return_tensors="pt")
             pixel_values = None
-        prompt_ids = enc["input_ids"]  # (1, Tp)
-        target_ids = tokenizer(self.target_prefix + query.target, add_special_tokens=False, return_tensors="pt")[
-            "input_ids"
-        ]  # (1, Tt)
-        if target_ids.numel() == 0:
-            raise ValueError(f"target {query.target!r} tokenises to nothing")
-        input_ids = torch.cat([prompt_ids, target_ids], dim=1)  # (1, T)
-        labels = torch.cat([torch.full_like(prompt_ids, -100), target_ids], dim=1)
+        input_ids = enc["input_ids"]  # (1, Tp)
         return ModelInputs(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            labels=labels,
+            labels=torch.full_like(input_ids, -100),
             image_mask=input_ids == image_token_id,
             pixel_values=pixel_values,
         )
+
+    def encode(self, processor: object, query: Query, image_token_id: int) -> ModelInputs:
+        """:meth:`encode_prompt`, then the target appended: only target tokens are supervised.
+
+        The prompt and image positions get -100.
+        """
+        prompt = self.encode_prompt(processor, query.prompt, query.image, image_token_id)
+        target_ids = processor.tokenizer(
+            self.target_prefix + query.target, add_special_tokens=False, return_tensors="pt"
+        )["input_ids"]  # (1, Tt)
+        if target_ids.numel() == 0:
+            raise ValueError(f"target {query.target!r} tokenises to nothing")
+        return prompt.append(target_ids, supervised=True)
 
     def logits(self, model: nn.Module, inputs: ModelInputs) -> Tensor:
         """(B, T, V) next-token logits."""

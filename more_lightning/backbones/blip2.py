@@ -9,7 +9,7 @@ model is an ``OPTForCausalLM`` at ``language_model``, so the FFN output projecti
 Two BLIP-2 quirks handled here:
 
 * The model accepts *fewer* image tokens than ``num_query_tokens`` without a word (``masked_scatter``
-  just uses the first few query outputs), so :meth:`Blip2Backbone.encode` checks the count.
+  just uses the first few query outputs), so :meth:`Blip2Backbone.encode_prompt` checks the count.
 * ``Blip2ForConditionalGeneration.forward`` requires ``pixel_values``; text-only queries (T-Loc) run
   the OPT language model directly, as EasyEdit's BLIP-2 wrapper does.
 
@@ -22,11 +22,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from PIL import Image
 from torch import Tensor, nn
 from transformers import Blip2ForConditionalGeneration
 
 from more_lightning.backbones.base import Backbone, ModelInputs
-from more_lightning.data.records import Query
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +120,17 @@ class Blip2Backbone(Backbone):
             )
         return int(token_id)
 
-    def encode(self, processor: object, query: Query, image_token_id: int) -> FlatRowInputs:
-        inputs = super().encode(processor, query, image_token_id)
-        if query.image is not None:
+    def encode_prompt(
+        self, processor: object, prompt: str, image: Image.Image | None, image_token_id: int
+    ) -> FlatRowInputs:
+        """The prompt as :class:`FlatRowInputs`; with an image, its ``num_query_tokens`` image tokens are checked."""
+        inputs = super().encode_prompt(processor, prompt, image, image_token_id)
+        if image is not None:
             expected = int(processor.num_query_tokens)
             counts = inputs.image_mask.sum(dim=1)  # (B,)
             if (counts != expected).any():
                 raise ValueError(
-                    f"BLIP-2 input for prompt {query.prompt!r} has {counts.tolist()} image tokens (id "
+                    f"BLIP-2 input for prompt {prompt!r} has {counts.tolist()} image tokens (id "
                     f"{image_token_id}) but the model needs exactly num_query_tokens={expected}: BLIP-2 silently "
                     "accepts fewer. Check that the tokenizer maps '<image>' to config.image_token_id and that the "
                     "backbone's `template` holds no '<image>' (the processor inserts the query tokens itself)."

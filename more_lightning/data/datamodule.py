@@ -17,6 +17,9 @@ from the companion record ``h`` — the composite loss never sees these, they ar
     m_gen  = (src,        alt,     h.image_rephrase) -> held-out M-Generality
     t_loc  = (h.loc,      h.loc_ans)                 -> held-out T-Locality
     m_loc  = (h.m_loc_q,  h.m_loc_a, h.m_loc image)  -> held-out M-Locality
+
+For ``predict`` the module answers the questions of ``predict_file`` (see :mod:`more_lightning.data.queries`)
+instead, one per step; the data file is not read then.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import Dataset
 
+from more_lightning.data.queries import QueryStream, read_queries
 from more_lightning.data.records import EditRecord, EditTuple, HeldOutQueries, Query
 from more_lightning.data.schema import DataFileError, heldout_path, load_image, read_mmedit
+from more_lightning.errors import SettingError
 from more_lightning.journal import applied_edits
 
 log = logging.getLogger(__name__)
@@ -139,6 +144,10 @@ class EditStreamDataModule(LightningDataModule):
         empty_locality: ``"error"`` (default): a record with an empty ``loc_ans``, ``m_loc_q`` or ``m_loc_a`` is an
             error naming file, record and field; ``"skip"``: keep the record, leave that locality sample out of
             the loss and the scores, and count it (``metrics.json``: ``locality_skipped``).
+        predict_file: ``predict`` only: a JSONL file of questions, one object a line, ``{"question": ...,
+            "image": ...}`` (``"prompt"`` may stand for ``"question"``; ``image`` relative to ``image_root`` or
+            absolute; no image: a text-only query).
+        predict_out: ``predict`` only: where the answers go (JSONL); default ``predictions.jsonl`` in the run folder.
     """
 
     def __init__(
@@ -154,10 +163,12 @@ class EditStreamDataModule(LightningDataModule):
         heldout_file: str | None = "auto",
         replay_journal: str | None = None,
         empty_locality: str = "error",
+        predict_file: str | None = None,
+        predict_out: str | None = None,
     ) -> None:
         super().__init__()
         if num_edits is not None and num_edits < 1:
-            raise ValueError(f"data.num_edits must be >= 1 or null, got {num_edits}")
+            raise ValueError(f"num_edits must be >= 1 or null, got {num_edits}")
         self.data_file = data_file
         self.image_root = image_root
         self.rephrase_root = rephrase_root
@@ -169,11 +180,17 @@ class EditStreamDataModule(LightningDataModule):
         self.heldout_file = heldout_file
         self.replay_journal = replay_journal
         if empty_locality not in ("error", "skip"):
-            raise ValueError(f"data.empty_locality must be 'error' or 'skip', got {empty_locality!r}")
+            raise ValueError(f"empty_locality must be 'error' or 'skip', got {empty_locality!r}")
         self.empty_locality = empty_locality
+        self.predict_file = predict_file
+        self.predict_out = predict_out
         self.stream: EditStream | None = None
+        self.queries: QueryStream | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            self._setup_queries()
+            return
         if self.stream is not None:
             return
         path = Path(self.data_file)
@@ -201,7 +218,10 @@ class EditStreamDataModule(LightningDataModule):
                 order = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed)).tolist()
             n = len(records) if self.num_edits is None else self.num_edits
             if n > len(records):
-                raise ValueError(f"data.num_edits={n} but {path.name} has only {len(records)} records")
+                raise SettingError(
+                    f"data.init_args.num_edits is {n} but {path} has only {len(records)} records: "
+                    f"set it to at most {len(records)}, or null for all"
+                )
             self.stream = EditStream([records[i] for i in order[:n]])
         log.info(
             "edit stream: %d edits from %s (%s), %s",
@@ -210,6 +230,17 @@ class EditStreamDataModule(LightningDataModule):
             f"replaying {self.replay_journal}" if self.replay_journal else f"seed {self.seed}",
             f"held-out variants from {heldout.name}" if heldout else "no held-out variants",
         )
+
+    def _setup_queries(self) -> None:
+        if self.queries is not None:
+            return
+        if not self.predict_file:
+            raise SettingError(
+                "predict needs questions: set --data.init_args.predict_file to a JSONL file, one query a line, "
+                '{"question": "...", "image": "<path relative to the image root>"} (no image: text only)'
+            )
+        self.queries = QueryStream(read_queries(self.predict_file, self.image_root))
+        log.info("predict: %d queries from %s", len(self.queries), self.predict_file)
 
     def _replay_stream(self, records: list[EditRecord], path: Path) -> EditStream:
         """The journal's applied edits as a stream; each record must still hash as the journal recorded."""
@@ -258,6 +289,10 @@ class EditStreamDataModule(LightningDataModule):
     def train_dataloader(self) -> EditStreamLoader:
         self.setup()
         return EditStreamLoader(self.stream, self._edits_applied)
+
+    def predict_dataloader(self) -> QueryStream:
+        self._setup_queries()
+        return self.queries
 
     def _edits_applied(self) -> int:
         """Edits of this stream applied so far: the training loop's processed steps (one step = one edit)."""

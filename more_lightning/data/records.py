@@ -9,6 +9,9 @@ Held-out variants (DESIGN §3, "seen vs held-out"): a record may carry a :class:
 read from a companion file — another text rephrase, image rephrase, text-locality and
 multimodal-locality sample that no loss ever trains on — and its tuple then carries them as
 :class:`HeldOutQueries`. Without a companion both are ``None``.
+
+``predict`` reads a file of questions instead: each is a :class:`QueryRecord`, answered as a
+:class:`PredictItem` (the record and its :class:`Query` with the image loaded).
 """
 
 from __future__ import annotations
@@ -128,3 +131,22 @@ class EditTuple:
     def held_out_queries(self) -> dict[str, Query]:
         """The held-out ``t_gen`` / ``m_gen`` / ``t_loc`` / ``m_loc`` queries; empty without a companion."""
         return self.held_out.queries() if self.held_out is not None else {}
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    """One validated query of a predict file: a question and the image it is about (``None``: text only)."""
+
+    index: int  # position among the file's queries, 0-based
+    prompt: str
+    image: str | None  # the ``image`` field as the file gives it
+    image_path: Path | None  # that image, resolved against the image root
+    source: str = ""  # "queries.jsonl line 3", for error messages
+
+
+@dataclass(frozen=True)
+class PredictItem:
+    """What ``predict`` answers per step: the record and its query with the image loaded (target unused)."""
+
+    record: QueryRecord
+    query: Query
