@@ -72,6 +72,7 @@ def run_horizon(config: str, horizon: int, split: str, single_edits: int, overri
         return run(config, horizon, extra)
     metrics, command = run(config, single_edits, [*extra, "--model.init_args.single_edits", "true"])
     metrics["retention"] = metrics["immediate"]  # one edit on the model: retained = immediate
+    metrics["exact_match"]["retention"] = metrics["exact_match"]["immediate"]
     if "held_out" in metrics:
         metrics["held_out"]["retention"] = metrics["held_out"]["immediate"]
     return metrics, command
@@ -106,6 +107,37 @@ def format_row(metrics: dict, horizon: int, command: str, held_out: bool) -> str
     )
 
 
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def summary(rows: list[dict]) -> str:
+    """The README's results table from ``--out`` JSON lines: Avg seen / held-out, Rel, exact match, twin split."""
+    lines = [
+        "| editor | task | T | Avg imm. seen / held-out | Avg ret. seen / held-out | Rel imm. / ret. "
+        "| EM imm. / ret. | T-Loc / M-Loc ret. held-out | Avg ret. held-out, shared text / unique (n) | s/edit |",
+        "|---|---|---:|---|---|---|---|---|---|---:|",
+    ]
+    for m in rows:
+        ho, em = m.get("held_out", {}), m["exact_match"]
+        ho_imm, ho_ret = ho.get("immediate", {}).get("avg"), ho.get("retention", {}).get("avg")
+        by_text = m.get("retention_by_question") or {}
+        split = " / ".join(
+            f"{by_text[k]['held_out_avg']:.1f} ({by_text[k]['num_edits']})" if by_text.get(k) else "-"
+            for k in ("shared", "unique")
+        )
+        horizon = str(m["num_edits"]) if m.get("protocol") == "sequential" else f"1 (×{m['num_edits']})"
+        ret_ho = ho.get("retention", {})
+        lines.append(
+            f"| {m['editor']} | {m['task']} | {horizon} | {m['immediate']['avg']:.1f} / {fmt(ho_imm)} "
+            f"| {m['retention']['avg']:.1f} / {fmt(ho_ret)} "
+            f"| {m['immediate']['rel']:.1f} / {m['retention']['rel']:.1f} "
+            f"| {em['immediate']['rel']:.0f} / {em['retention']['rel']:.0f} "
+            f"| {fmt(ret_ho.get('t_loc'))} / {fmt(ret_ho.get('m_loc'))} | {split} | {m['seconds_per_edit']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", choices=("eval", "train"), default="eval")
@@ -114,7 +146,11 @@ def main() -> None:
     parser.add_argument("--single-edits", type=int, default=100, help="edits averaged for the T = 1 rows")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run, e.g. --model...")
     parser.add_argument("--out", help="also write the rows as JSON lines here")
+    parser.add_argument("--summary", nargs="+", help="only print the README's summary table of these --out files")
     args = parser.parse_args()
+    if args.summary:
+        print(summary([json.loads(line) for path in args.summary for line in Path(path).read_text().splitlines()]))
+        return
     runs = []  # (metrics, horizon, command)
     for config in args.configs:
         for horizon in args.horizons:
