@@ -28,6 +28,7 @@ import uuid
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -68,18 +69,18 @@ def _innermost(exc: BaseException) -> BaseException:
     return exc
 
 
-def _parse_problem(message: str) -> str:
-    """A jsonargparse error about the ``model`` section on one line: the config key and the innermost reason."""
+def _parse_problem(message: str, section: str = "model") -> str:
+    """A jsonargparse error about a config section on one line: the config key and the innermost reason."""
     lines = [line.strip() for line in message.splitlines()]
     start = next((i for i, line in enumerate(lines) if line.startswith("- ")), None)
     if start is None:
         return " ".join(lines)
-    block = [lines[start][2:]]  # the first alternative (OnlineEditModule); the others are ``None``
+    block = [lines[start][2:]]  # the first alternative (the section's class); the others are ``None``
     for line in lines[start + 1 :]:
         if line.startswith(("- ", "Given value")):
             break
         block.append(line)
-    keys = ["model", *re.findall(r'Parser key "([^"]+)"', "\n".join(block))]
+    keys = [section, *re.findall(r'Parser key "([^"]+)"', "\n".join(block))]
     reasons = [line for line in block if not line.startswith(("Parser key", "Problem with given class_path"))]
     return f"{'.init_args.'.join(keys)}: {' '.join(reasons) or block[-1]}"
 
@@ -87,6 +88,17 @@ def _parse_problem(message: str) -> str:
 def build_module(config: str | Path) -> OnlineEditModule:
     """The :class:`OnlineEditModule` (backbone loaded, editor attached) that the stream config's ``model`` section
     describes, instantiated by jsonargparse as LightningCLI does."""
+    return build_section(config, "model", OnlineEditModule)
+
+
+def build_section(config: str | Path, key: str, base: type) -> Any:
+    """The object of class ``base`` (or a subclass) that the ``key`` section of the stream config describes
+    (``model``: the :class:`OnlineEditModule`; ``data``: the datamodule), instantiated by jsonargparse as
+    LightningCLI does.
+
+    Raises:
+        ExportError: the config is missing, not YAML, lacks the section or sets it wrongly (names the config key).
+    """
     from jsonargparse import ArgumentParser
 
     config = _require(config, "config")
@@ -94,20 +106,20 @@ def build_module(config: str | Path) -> OnlineEditModule:
         raw = yaml.safe_load(config.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ExportError(f"config {config} is not valid YAML: {' '.join(str(exc).split())}") from exc
-    section = raw.get("model") if isinstance(raw, dict) else None
+    section = raw.get(key) if isinstance(raw, dict) else None
     if not section:
-        raise ExportError(f"config {config} has no `model` section; give a stream config such as the run's config.yaml")
+        raise ExportError(f"config {config} has no `{key}` section; give a stream config such as the run's config.yaml")
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(OnlineEditModule, "model", required=True, fail_untyped=False)
+    parser.add_subclass_arguments(base, key, required=True, fail_untyped=False)
     try:
-        parsed = parser.parse_object({"model": section})
+        parsed = parser.parse_object({key: section})
     except argparse.ArgumentError as exc:
-        problem = _parse_problem(str(exc))
-        if "subclass of OnlineEditModule" in problem:
-            problem += " (export needs the config of an edit stream)"
+        problem = _parse_problem(str(exc), key)
+        if f"subclass of {base.__name__}" in problem:
+            problem += " (give the config of an edit stream)"
         raise ExportError(f"config {config}, {problem}") from exc
     try:
-        return parser.instantiate(parsed).model
+        return getattr(parser.instantiate(parsed), key)
     except Exception as exc:  # jsonargparse wraps what __init__ raised
         cause = _innermost(exc)
         if isinstance(cause, (OSError, ValueError)):

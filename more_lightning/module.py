@@ -7,6 +7,8 @@ Per edit t the module
      ``manual_backward``, ``optimizer.step()`` — the editor's write (keys are captured on the
      first inner step and handed to the editor);
   4. evaluates the edit immediately and logs every score against the edit index.
+Steps 1–4, without the held-out probes and the logging, are :meth:`OnlineEditModule.apply_edit`, which the
+live edit service (:mod:`more_lightning.serve`) runs outside any Trainer for each edit it receives.
 After the stream a retention pass re-evaluates every edit on the final model; a summary table is
 logged and ``metrics.json`` written into the logger's run folder. Every per-edit curve is logged
 against the edit number t = 1..T: ``immediate/<score>`` right after edit t, ``retention/<score>``
@@ -102,6 +104,18 @@ class Reference:
 
     logp: Tensor  # (n, V) float32: the rows of the answer positions, in sequence order
     mask: Tensor  # (1, T-1) bool: where those rows sit in the query
+
+
+@dataclass
+class AppliedEdit:
+    """One edit written and scored right after (:meth:`OnlineEditModule.apply_edit`)."""
+
+    refs: dict[str, Reference]  # θ_{t-1} on the locality queries, taken before the write
+    loss: Tensor  # the composite loss of the last inner step (detached)
+    scores: dict[str, float]  # immediate scores in percent (rel, rel_em, t_loc, ...), as the stream logs them
+    fit: dict[str, float]  # the edit's NLL and margin before and after the write
+    seconds: float  # wall time of the whole edit: encoding, references, write
+    editor_seconds: float  # of which the editor's own statistics and write
 
 
 def _nll(logits: Tensor, labels: Tensor) -> Tensor:
@@ -437,19 +451,12 @@ class OnlineEditModule(LightningModule):
         optimizer = self.optimizers()
         held_inputs = self.encode_held_out(batch)  # scored only: never part of the loss below
         held_refs = self.references(held_inputs)  # from θ_{t-1}, like the seen references
-        start = time.perf_counter()
-        inputs = self.encode(batch)
-        refs = self.references(inputs)
         self._mid_edit = True
-        loss, editor_seconds = self.write(optimizer, inputs, refs)
-        edit_seconds = time.perf_counter() - start
-        self.timings.append({"edit_seconds": edit_seconds, "editor_seconds": editor_seconds})
-        fits: dict[str, dict[str, float]] = {}
-        scores = self.evaluate(inputs, refs, self.immediate, fits)
-        fit = self._record_fit(fits["edit"])
+        done = self.apply_edit(optimizer, batch.queries(), batch.source)
+        loss, scores, fit, edit_seconds = done.loss, done.scores, done.fit, done.seconds
         held = self.evaluate_held_out(held_inputs, held_refs, self.immediate_held_out, rel=scores["rel"])
         if self.retention:  # the retention pass needs them; nothing else does
-            self._references[batch.index] = _to_cpu(refs)
+            self._references[batch.index] = _to_cpu(done.refs)
             if held_inputs:
                 self._held_out_references[batch.index] = _to_cpu(held_refs)
         if self.single_edits:  # back to the state before the first edit
@@ -476,7 +483,7 @@ class OnlineEditModule(LightningModule):
         self._log_scalars({f"immediate/{k}": v for k, v in scores.items()}, step)
         self._log_scalars({f"held_out/immediate/{k}": v for k, v in held.items()}, step)
         self._log_scalars(
-            {"edit/loss": float(loss), "edit/seconds": edit_seconds, "edit/editor_seconds": editor_seconds}, step
+            {"edit/loss": float(loss), "edit/seconds": edit_seconds, "edit/editor_seconds": done.editor_seconds}, step
         )
         self._log_running_means(step)
         return loss
@@ -502,33 +509,65 @@ class OnlineEditModule(LightningModule):
                 sums[k] = sums.get(k, 0.0) + v
         return fit
 
+    def apply_edit(
+        self, optimizer: LightningOptimizer | torch.optim.Optimizer, queries: dict[str, Query], source: str = ""
+    ) -> AppliedEdit:
+        """Write one edit into the current model and score it right after: the per-edit path of the stream
+        (:meth:`training_step`) and of the live edit service (:mod:`more_lightning.serve`).
+
+        ``queries``: ``edit`` and any of ``t_gen`` / ``m_gen`` / ``t_loc`` / ``m_loc`` (a missing one is left out of
+        the loss and the scores); ``source`` names the request in errors. Encodes them, takes θ_{t-1}'s locality
+        references, writes (:meth:`write`), scores into ``self.immediate`` and records the timing and the fit.
+        ``optimizer``: the editor's (from :meth:`configure_optimizers`), raw or as Lightning wraps it.
+        """
+        start = time.perf_counter()
+        inputs = self._encode(queries, source)
+        refs = self.references(inputs)
+        loss, editor_seconds = self.write(optimizer, inputs, refs)
+        seconds = time.perf_counter() - start
+        self.timings.append({"edit_seconds": seconds, "editor_seconds": editor_seconds})
+        fits: dict[str, dict[str, float]] = {}
+        scores = self.evaluate(inputs, refs, self.immediate, fits)
+        return AppliedEdit(refs, loss, scores, self._record_fit(fits["edit"]), seconds, editor_seconds)
+
     def write(
-        self, optimizer: LightningOptimizer, inputs: dict[str, ModelInputs], refs: dict[str, Reference]
+        self,
+        optimizer: LightningOptimizer | torch.optim.Optimizer,
+        inputs: dict[str, ModelInputs],
+        refs: dict[str, Reference],
     ) -> tuple[Tensor, float]:
         """``steps_per_edit`` × (composite loss, backward, editor step), then the editor's ``end_edit``.
 
         Returns the last (detached) loss and the seconds spent in the editor's own statistics and write
-        (``observe``, the optimizer's own ``step`` timed by its step hooks, ``end_edit``).
+        (``observe``, the optimizer's own ``step`` timed by its step hooks, ``end_edit``). Outside a trainer (the
+        live edit service) the backward is plain autograd; in a stream it is Lightning's ``manual_backward``.
         """
+        raw = getattr(optimizer, "optimizer", optimizer)  # the editor's own optimizer under Lightning's wrapper
         editor_seconds = 0.0
         self._step_seconds = 0.0  # the optimizer's own steps (hooks set in configure_optimizers)
         for inner in range(self.editor.steps_per_edit):
             self.keys.reset()
             loss = self.edit_loss(inputs, refs, capture=inner == 0)
             optimizer.zero_grad()
-            self.manual_backward(loss)
+            self._backward(loss)
             if inner == 0:
                 tick = time.perf_counter()
-                self.editor.observe(optimizer.optimizer, self.keys.keys())
+                self.editor.observe(raw, self.keys.keys())
                 editor_seconds += time.perf_counter() - tick
             optimizer.step()
         editor_seconds += self._step_seconds
         tick = time.perf_counter()
-        self.editor.end_edit(optimizer.optimizer)
+        self.editor.end_edit(raw)
         editor_seconds += time.perf_counter() - tick
         optimizer.zero_grad()
-        self.last_diagnostics = self.editor.diagnostics(optimizer.optimizer)  # outside the editor's timing
+        self.last_diagnostics = self.editor.diagnostics(raw)  # outside the editor's timing
         return loss.detach(), editor_seconds
+
+    def _backward(self, loss: Tensor) -> None:
+        if self._trainer is None:  # no trainer to hand it to: applied by the live edit service
+            loss.backward()
+        else:
+            self.manual_backward(loss)
 
     @torch.no_grad()
     def evaluate(

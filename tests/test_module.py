@@ -102,6 +102,21 @@ def test_one_edit_raises_the_target_logprob(tiny_llava_dir, editor, monkeypatch)
     assert after > before + 1e-3
 
 
+def test_apply_edit_writes_one_edit_outside_a_trainer(tiny_llava_dir):
+    """The per-edit path the live edit service runs: no Trainer, a raw optimizer, only the queries given."""
+    module = OnlineEditModule(LlavaBackbone(path=str(tiny_llava_dir), num_text_layers=2), MORE(r=16, alpha=32))
+    optimizer = module.configure_optimizers()
+    batch = _stream().stream[0]
+    queries = {k: q for k, q in batch.queries().items() if k in ("edit", "t_loc")}  # no rephrase, no image locality
+    inputs = module.encode(batch)
+    before = _target_logprob(module, inputs["edit"])
+    done = module.apply_edit(optimizer, queries, "live edit")
+    assert _target_logprob(module, inputs["edit"]) > before + 1e-3
+    assert set(done.scores) == {"rel", "rel_em", "t_loc", "t_loc_agree"} and set(done.refs) == {"t_loc"}
+    assert module.timings == [{"edit_seconds": done.seconds, "editor_seconds": done.editor_seconds}]
+    assert module.immediate["rel"].update_count == 1
+
+
 def test_keys_pool_image_positions_for_projector_and_text_positions_for_text(tiny_llava_dir):
     backbone = LlavaBackbone(path=str(tiny_llava_dir), num_text_layers=1)
     module = OnlineEditModule(backbone, MORE(r=8, alpha=16))
