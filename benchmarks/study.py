@@ -64,6 +64,11 @@ GRIDS[("evqa", "more", 2)] = [
     f"{E}.lam=100",
     f"{E}.steps_per_edit=5",
 ]
+GRIDS[("evqa", "lora_ft", 2)] = [
+    f"{E}.eta=0.01,0.03,0.1,0.3",
+    f"{E}.image_eta=0.01,0.03",
+    f"{E}.steps_per_edit=3,5",
+]
 GRIDS[("evqa", "ft_l", 2)] = [f"{E}.lr=0.05,0.1,0.2,0.3", f"{E}.steps_per_edit=2,3", f"{E}.layer=-1,-2"]
 
 
