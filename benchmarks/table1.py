@@ -26,12 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_table import KEYS, run_horizon
 
-#: the paper's rows, in its order (LoRA-FT is its "naive fine-tuning"): display name, config suffix, editor class
+#: the paper's rows, in its order (LoRA-FT is its "naive fine-tuning"; GRACE is not in the paper's table, it sits
+#: with the parameter-preserving IKE): display name, config suffix, editor class
 EDITORS = (
     ("FT-L", "_ft_l", "FTL"),
     ("FT-M", "_ft_m", "FTM"),
     ("LoRA-FT", "_lora_ft", "LoRAFT"),
     ("MEND", "_mend", "MEND"),
+    ("IKE", "_ike", "IKE"),
+    ("GRACE", "_grace", "GRACE"),
     ("AlphaEdit", "_alphaedit", "AlphaEdit"),
     ("M-ORE", "", "MORE"),
 )

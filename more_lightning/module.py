@@ -408,8 +408,18 @@ class OnlineEditModule(LightningModule):
         return self._encode(batch.held_out_queries(), f"{batch.source} (held-out companion)")
 
     def encode_query(self, query: Query) -> ModelInputs:
-        """``query`` tokenised by the backbone, on the model's device, floats in the model's dtype."""
+        """``query`` as the editor has the model asked (:meth:`Editor.rewrite_query`), tokenised by the backbone, on
+        the model's device, floats in the model's dtype."""
+        query = self.editor.rewrite_query(query, self)
         return self.backbone.encode(self.processor, query, self.image_token_id).to(self.device, self.model.dtype)
+
+    def _encode_after_write(
+        self, queries: dict[str, Query], inputs: dict[str, ModelInputs], source: str = ""
+    ) -> dict[str, ModelInputs]:
+        """``inputs`` for scoring after a write: the queries the editor now rewrites (IKE's demonstrations, retrieved
+        from a memory that holds this edit) encoded again, the others as they were."""
+        changed = {n: q for n, q in queries.items() if n in inputs and self.editor.rewrite_query(q, self) is not q}
+        return {**inputs, **self._encode(changed, source)} if changed else inputs
 
     def _encode(self, queries: dict[str, Query], source: str = "") -> dict[str, ModelInputs]:
         encoded = {}
@@ -424,7 +434,8 @@ class OnlineEditModule(LightningModule):
         return encoded
 
     def logits(self, inputs: ModelInputs) -> Tensor:
-        return self.backbone.logits(self.model, inputs)
+        with self.editor.forward_context(inputs):
+            return self.backbone.logits(self.model, inputs)
 
     # --- the edit --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -454,6 +465,7 @@ class OnlineEditModule(LightningModule):
         self._mid_edit = True
         done = self.apply_edit(optimizer, batch.queries(), batch.source)
         loss, scores, fit, edit_seconds = done.loss, done.scores, done.fit, done.seconds
+        held_inputs = self._encode_after_write(batch.held_out_queries(), held_inputs, batch.source)
         held = self.evaluate_held_out(held_inputs, held_refs, self.immediate_held_out, rel=scores["rel"])
         if self.retention:  # the retention pass needs them; nothing else does
             self._references[batch.index] = _to_cpu(done.refs)
@@ -523,10 +535,11 @@ class OnlineEditModule(LightningModule):
         start = time.perf_counter()
         inputs = self._encode(queries, source)
         refs = self.references(inputs)
-        loss, editor_seconds = self.write(optimizer, inputs, refs)
+        loss, editor_seconds = self.write(optimizer, inputs, refs, queries)
         seconds = time.perf_counter() - start
         self.timings.append({"edit_seconds": seconds, "editor_seconds": editor_seconds})
         fits: dict[str, dict[str, float]] = {}
+        inputs = self._encode_after_write(queries, inputs, source)
         scores = self.evaluate(inputs, refs, self.immediate, fits)
         return AppliedEdit(refs, loss, scores, self._record_fit(fits["edit"]), seconds, editor_seconds)
 
@@ -535,16 +548,24 @@ class OnlineEditModule(LightningModule):
         optimizer: LightningOptimizer | torch.optim.Optimizer,
         inputs: dict[str, ModelInputs],
         refs: dict[str, Reference],
+        queries: dict[str, Query] | None = None,
     ) -> tuple[Tensor, float]:
-        """``steps_per_edit`` × (composite loss, backward, editor step), then the editor's ``end_edit``.
+        """The editor's ``begin_edit``, ``steps_per_edit`` × (composite loss, backward, editor step), its ``end_edit``.
 
         Returns the last (detached) loss and the seconds spent in the editor's own statistics and write
-        (``observe``, the optimizer's own ``step`` timed by its step hooks, ``end_edit``). Outside a trainer (the
-        live edit service) the backward is plain autograd; in a stream it is Lightning's ``manual_backward``.
+        (``begin_edit``, ``observe``, the optimizer's own ``step`` timed by its step hooks, ``end_edit``). Outside a
+        trainer (the live edit service) the backward is plain autograd; in a stream it is Lightning's
+        ``manual_backward``. With ``steps_per_edit = 0`` (a memory editor) the loss is that of the model before the
+        write, computed without a backward. ``queries``: what ``inputs`` encode (for ``begin_edit``).
         """
         raw = getattr(optimizer, "optimizer", optimizer)  # the editor's own optimizer under Lightning's wrapper
-        editor_seconds = 0.0
+        tick = time.perf_counter()
+        self.editor.begin_edit(raw, self, queries or {}, inputs)
+        editor_seconds = time.perf_counter() - tick
         self._step_seconds = 0.0  # the optimizer's own steps (hooks set in configure_optimizers)
+        if self.editor.steps_per_edit == 0:
+            with torch.no_grad():
+                loss = self.edit_loss(inputs, refs, capture=True)
         for inner in range(self.editor.steps_per_edit):
             self.keys.reset()
             loss = self.edit_loss(inputs, refs, capture=inner == 0)
@@ -595,7 +616,9 @@ class OnlineEditModule(LightningModule):
                 scores[f"{key}_em"] = 100 * float(exact_match(logits, labels)[0])
             else:
                 ref = refs[name]
-                logp = F.log_softmax(logits.float(), dim=-1)[ref.mask.to(logits.device)][None]  # (1, n, V)
+                # the answer positions of this encoding: an editor that rewrites the query (IKE) may have made it
+                # longer or shorter than the θ_{t-1} encoding ref.mask marks; the n answer rows are the same tokens
+                logp = F.log_softmax(logits.float(), dim=-1)[labels != -100][None]  # (1, n, V)
                 ref_logp = ref.logp.to(logp.device)[None]  # (1, n, V)
                 mask = torch.ones(logp.shape[:2], dtype=torch.bool, device=logp.device)  # (1, n)
                 metrics[key].update(logp, ref_logp, mask)
@@ -845,7 +868,7 @@ class OnlineEditModule(LightningModule):
     def predict_step(self, batch: PredictItem, batch_idx: int) -> dict:
         """The greedy answer to one query, also written as a JSON line: index, question, image, answer."""
         answer = greedy_answer(
-            self.backbone, self.model, self.processor, batch.query, self.max_new_tokens, self.image_token_id
+            self.backbone, self.model, self.processor, batch.query, self.max_new_tokens, self.image_token_id, self
         )
         record = batch.record
         line = {"index": record.index, "question": record.prompt, "image": record.image, "answer": answer}

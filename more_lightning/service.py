@@ -220,7 +220,7 @@ class EditService:
         module = self.module
         query = Query(question, "", image.image if image is not None else None)
         text = greedy_answer(
-            module.backbone, module.model, module.processor, query, module.max_new_tokens, module.image_token_id
+            module.backbone, module.model, module.processor, query, module.max_new_tokens, module.image_token_id, module
         )
         self.answers += 1
         return text

@@ -3,11 +3,17 @@ and the config of a small stream."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 
+import pytest
+import torch
 from lightning.pytorch import Callback
+from safetensors.torch import load_file
+
+import cli
 
 
 class KillAfterEdit(Callback):
@@ -71,3 +77,36 @@ trainer:
 """
     )
     return path
+
+
+class FailAfterEdit(Callback):
+    """Raises after edit ``edit`` (1-based) is complete: the stream stops between two edits and saves what it did."""
+
+    def __init__(self, edit: int) -> None:
+        self.edit = edit
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 == self.edit:
+            raise RuntimeError(f"stopped after edit {self.edit}")
+
+
+def stopped_and_resumed_equals_whole(tmp: Path, model_dir: Path, data: Path, editor_class: str, editor: str) -> None:
+    """A 3-edit stream stopped after edit 2 and resumed with ``--ckpt_path last`` ends with the same edit state and
+    scores as the stream run whole (the editor's memory travels through the checkpoint)."""
+    runs = {}
+    for name in ("whole", "stopped"):
+        config = stream_config(
+            tmp / f"{name}.yaml", model_dir, data, editor=editor, editor_class=editor_class, save_every=1, name=name
+        )
+        runs[name] = (config, tmp / "runs" / name / "version_0")
+    cli.main(["fit", "--config", str(runs["whole"][0])])
+    stop = ["--trainer.callbacks+=tests.stream_helpers.FailAfterEdit", "--trainer.callbacks.init_args.edit", "2"]
+    with pytest.raises(RuntimeError, match="stopped after edit 2"):
+        cli.main(["fit", "--config", str(runs["stopped"][0]), *stop])
+    cli.main(["fit", "--config", str(runs["stopped"][0]), "--ckpt_path", "last"])
+    whole, resumed = (load_file(run / "edit_state.safetensors") for _, run in runs.values())
+    assert whole.keys() == resumed.keys() and whole
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    scores = [json.loads((run / "metrics.json").read_text()) for _, run in runs.values()]
+    assert scores[0]["retention"] == scores[1]["retention"] and scores[0]["immediate"] == scores[1]["immediate"]

@@ -1,4 +1,5 @@
-"""The shipped real-backbone FT-M and AlphaEdit configs, run unchanged except for paths, horizon and log folder.
+"""The shipped real-backbone FT-M, AlphaEdit, GRACE and IKE configs, run unchanged except for paths, horizon and log
+folder.
 
 As ``test_real_configs.py`` does for M-ORE: tiny random LLaVA / BLIP-2 checkpoints (the real transformers
 classes) stand in for LLaVA-1.5-7B and BLIP-2-OPT-2.7B, the MMEdit fixtures for the MMEdit files (AlphaEdit's
@@ -26,6 +27,11 @@ BASELINES = {
     "blip2_evqa_ft_m": ("blip2", "FTM", {"language_projection"}),
     "llava_evqa_alphaedit": ("llava", "AlphaEdit", LLAVA_DOWN),
     "blip2_evqa_alphaedit": ("blip2", "AlphaEdit", OPT_FC2),
+    # parameter-preserving: nothing is written
+    "llava_evqa_grace": ("llava", "GRACE", set()),
+    "blip2_evqa_grace": ("blip2", "GRACE", set()),
+    "llava_evqa_ike": ("llava", "IKE", set()),
+    "blip2_evqa_ike": ("blip2", "IKE", set()),
 }
 RETAIN_FILES = [str(MMEDIT / "vqa_train.json"), str(MMEDIT / "caption_train_edit.json")]
 RETAIN = [

@@ -1,15 +1,23 @@
 """The editor protocol: what :class:`~more_lightning.module.OnlineEditModule` asks of any editor.
 
 An editor is attached to a loaded model once (it may wrap modules or install hooks), gives the
-module a ``torch.optim.Optimizer`` for gradient writers, and is told about each edit's keys and
+module a ``torch.optim.Optimizer`` for gradient writers, and is told about each edit's start, its keys and
 its end. Evaluation forwards always run through the model the editor left behind (its wrappers,
-its hooks), so parameter-preserving editors fit too. The module never branches on the editor's
-name: everything editor-specific is a method here.
+its hooks), so parameter-preserving editors fit too: :meth:`Editor.rewrite_query` changes the query the
+module encodes (IKE's retrieved demonstrations), :meth:`Editor.forward_context` tells hooks which query a
+forward is (GRACE's key position), :meth:`Editor.begin_edit` writes memory before any gradient step
+(``steps_per_edit = 0``: an edit is that alone). The defaults leave the weight writers as they were. The
+module never branches on the editor's name: everything editor-specific is a method here.
+
+Parameter-preserving editors keep their memory as tensors in their optimizer's ``state`` (text as UTF-8
+bytes, :func:`~more_lightning.editors.state.texts_to_tensors`), so the edit state file, the stream
+checkpoint, ``single_edits`` restores and the journal's state hash cover it with no special case.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,14 +26,17 @@ from torch import Tensor, nn
 from more_lightning.contract import EditPoint
 
 if TYPE_CHECKING:
+    from more_lightning.backbones.base import ModelInputs
     from more_lightning.contract import EditEngine
+    from more_lightning.data.records import Query
 
 
 class Editor:
     """Base class; subclasses override what they need.
 
     Attributes:
-        steps_per_edit: backward passes + ``optimizer.step()`` calls per edit request.
+        steps_per_edit: backward passes + ``optimizer.step()`` calls per edit request (0: the edit is
+            :meth:`begin_edit` alone, no backward).
         key_positions: ``"text"`` or ``"target"``: where text modules' keys are pooled.
         pool_keys: hand :meth:`observe` one mean key per module (``False``: every key row).
     """
@@ -47,6 +58,32 @@ class Editor:
 
         Editors that need statistics of the unedited model (AlphaEdit's retain keys) take them here, into
         ``optimizer.state`` so that they are saved and restored with the edit state.
+        """
+
+    def rewrite_query(self, query: Query, engine: EditEngine) -> Query:
+        """The query the model is really asked, wherever the module encodes one (scoring, loss, callbacks, predict).
+
+        Return ``query`` itself when nothing changes (the module then keeps an encoding it already has); a new
+        :class:`~more_lightning.data.records.Query` (e.g. with demonstrations prepended) is encoded afresh.
+        """
+        return query
+
+    def forward_context(self, inputs: ModelInputs) -> AbstractContextManager:
+        """Entered around every forward the module runs (:meth:`EditEngine.logits`), with that forward's inputs:
+        hooks the editor installed read what they need of the query (GRACE: the last prompt position)."""
+        return nullcontext()
+
+    def begin_edit(
+        self,
+        optimizer: torch.optim.Optimizer,
+        engine: EditEngine,
+        queries: dict[str, Query],
+        inputs: dict[str, ModelInputs],
+    ) -> None:
+        """Called at the start of each edit's write, after θ_{t-1}'s references, before the first inner step.
+
+        ``queries`` / ``inputs``: the edit's queries (``edit`` and whichever probes it has) and their encodings.
+        Memory editors store the edit here (IKE) or open the entry the inner steps train (GRACE).
         """
 
     def key_modules(self) -> dict[str, tuple[nn.Module, str]]:

@@ -8,6 +8,7 @@ weight) and ``optim/<group index>/<param index>/<state key>`` for optimizer stat
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -129,3 +130,19 @@ def keep_stats_dtype(
                 optimizer.state[param][name] = value.to(device=param.device, dtype=dtype).clone()
             elif isinstance(value, torch.Tensor) and not value.is_floating_point():
                 optimizer.state[param][name] = value.clone()
+
+
+def texts_to_tensors(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``texts`` as safetensors-ready tensors: their UTF-8 bytes concatenated (uint8) and each text's end offset
+    (int64, so text ``i`` is ``data[ends[i-1]:ends[i]]``). :func:`texts_from_tensors` inverts it exactly."""
+    encoded = [t.encode("utf-8") for t in texts]
+    data = torch.tensor(list(b"".join(encoded)), dtype=torch.uint8)
+    ends = torch.tensor([len(b) for b in encoded], dtype=torch.int64).cumsum(0)
+    return data, ends
+
+
+def texts_from_tensors(data: torch.Tensor, ends: torch.Tensor) -> list[str]:
+    """The texts :func:`texts_to_tensors` stored (tolerates tensors cast to float by ``Optimizer.load_state_dict``)."""
+    raw = bytes(data.to(torch.uint8).cpu().tolist())
+    bounds = [0, *ends.long().cpu().tolist()]
+    return [raw[a:b].decode("utf-8") for a, b in itertools.pairwise(bounds)]

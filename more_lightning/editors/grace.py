@@ -1,0 +1,288 @@
+"""GRACE: a discrete key-value codebook at one language layer (Hartvigsen et al., 2023, "Aging with GRACE").
+
+The model's weights are never written. A forward hook on one ``nn.Linear`` — by default the FFN output projection
+(``down_proj`` / ``fc2``) of the deepest text edit point, the layer GRACE wraps in its own and EasyEdit's code — reads
+the layer's **input** at the query's key position and looks it up in a codebook of entries
+``(key k_i, value v_i, deferral radius ε_i, label y_i)``:
+
+    j = argmin_i ‖h − k_i‖₂;   layer output ← v_j   if ‖h − k_j‖₂ ≤ ε_j,   else unchanged.
+
+Key position: the last prompt position, i.e. the position whose next-token logits predict the first answer token
+(under teacher forcing: one before the first supervised label; for a prompt alone, its last token). The layer's
+input there depends only on the prompt (layers below, causal attention), so a query's key is the same whether it
+is scored teacher-forced or answered greedily. On a hit, the value replaces the layer's output at that position
+and every later one (``replace: after``, the answer positions; ``last``: that position only). A query whose key
+is in no ball passes through the layer untouched: locality by construction.
+
+Per edit (label y = the new answer's text, key k of the edit query, nearest entry j at distance d):
+  * codebook empty, or d > ε_j + ε_init: a new entry (k, v, ε_init, y);
+  * d ≤ ε_j + ε_init and y_j = y: expand, ε_j ← max(ε_j, d), and entry j is the one trained;
+  * d ≤ ε_j + ε_init and y_j ≠ y: split, ε_j ← d / 2 and a new entry (k, v, d / 2, y) (d = 0: entry j is
+    overwritten with the new label — the same key cannot answer two ways).
+The trained entry's value starts at the layer's own output at the key (a new entry: the model's answer is
+unchanged before the first step) and takes ``steps_per_edit`` Adam steps on the module's composite edit loss
+(only the queries inside its ball have a gradient); its Adam state is reset per edit.
+
+Simplified versus the paper: one edit per request, so no batched codebook updates; the label of an entry is the
+answer text (not token ids of a classifier head); an expanded entry's value is trained further on the new edit
+(GRACE keeps it); no ``num_pert`` augmentation; Euclidean distance on the raw layer input, ε in its units.
+
+State: the codebook is tensors in the optimizer's ``state`` (``keys`` (N, d_in), ``values`` (N, d_out), ``eps``
+(N,), labels as UTF-8 bytes), so the edit state file, checkpoints and ``single_edits`` carry it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor, nn
+
+from more_lightning.contract import EditPoint
+from more_lightning.editors.base import Editor
+from more_lightning.editors.state import keep_stats_dtype, texts_from_tensors, texts_to_tensors
+
+if TYPE_CHECKING:
+    from more_lightning.backbones.base import ModelInputs
+    from more_lightning.contract import EditEngine
+    from more_lightning.data.records import Query
+
+log = logging.getLogger(__name__)
+
+CODEBOOK = ("keys", "values", "eps")  # float32 tensors of the codebook, one row per entry
+
+
+def key_positions(inputs: ModelInputs) -> Tensor:
+    """(B,) long: per row, the last prompt position (one before the first supervised label; without labels the
+    last attended position)."""
+    supervised = inputs.labels != -100  # (B, T)
+    last = inputs.attention_mask.long().sum(dim=1) - 1  # (B,) right-padded rows
+    first = supervised.long().argmax(dim=1) - 1  # (B,)
+    return torch.where(supervised.any(dim=1), first, last)
+
+
+class GRACEOptimizer(torch.optim.Optimizer):
+    """Adam on the one value vector being trained; its ``state`` also holds the codebook.
+
+    Args:
+        value: (d_out,) float32 parameter: the trained entry's value during an edit.
+        lr: Adam learning rate.
+        betas: Adam's moment decays.
+    """
+
+    def __init__(self, value: nn.Parameter, lr: float = 0.1, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        super().__init__([value], {"lr": lr, "betas": betas, "eps": 1e-8})
+
+    @property
+    def book(self) -> dict:
+        return self.state[self.param_groups[0]["params"][0]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Adam step on the value (Kingma & Ba, bias-corrected); no gradient: no step."""
+        group = self.param_groups[0]
+        value = group["params"][0]
+        if value.grad is None:
+            return None
+        state, (b1, b2) = self.book, group["betas"]
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(value), torch.zeros_like(value)
+            state["step"] = torch.zeros((), dtype=torch.int64)
+        state["step"] += 1
+        t = int(state["step"])
+        state["exp_avg"].mul_(b1).add_(value.grad, alpha=1 - b1)
+        state["exp_avg_sq"].mul_(b2).addcmul_(value.grad, value.grad, value=1 - b2)
+        denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
+        value.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1**t))
+        return None
+
+    def reset_moments(self) -> None:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            self.book.pop(name, None)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the label bytes and offsets stay integers (torch casts them to the value's dtype)."""
+        super().load_state_dict(state_dict)
+        keep_stats_dtype(self, state_dict, CODEBOOK, torch.float32)
+
+
+class GRACE(Editor):
+    """A GRACE codebook on one language layer's FFN output projection.
+
+    Args:
+        lr: Adam learning rate of the trained value (1.0: GRACE's own edit_lr in EasyEdit).
+        steps_per_edit: Adam steps per edit (GRACE runs 100; each step here is a forward and backward of the whole
+            composite loss).
+        epsilon: initial deferral radius ε_init of a new entry (Euclidean, in units of the layer's input).
+        layer: which of the backbone's text edit points carries the codebook; ``-1`` = the last (deepest).
+        replace: ``after``: the value replaces the layer output from the key position on; ``last``: there only.
+    """
+
+    def __init__(
+        self,
+        lr: float = 1.0,
+        steps_per_edit: int = 10,
+        epsilon: float = 1.0,
+        layer: int = -1,
+        replace: Literal["after", "last"] = "after",
+    ) -> None:
+        if not lr > 0:
+            raise ValueError(f"GRACE: lr must be > 0, got {lr}")
+        if steps_per_edit < 1:
+            raise ValueError(f"GRACE: steps_per_edit must be >= 1, got {steps_per_edit}")
+        if not epsilon > 0:
+            raise ValueError(f"GRACE: epsilon must be > 0, got {epsilon}")
+        if replace not in ("after", "last"):
+            raise ValueError(f"GRACE: replace must be 'after' or 'last', got {replace!r}")
+        self.lr, self.steps_per_edit, self.epsilon, self.layer = lr, steps_per_edit, epsilon, layer
+        self.replace = replace
+        self.path = ""
+        self.value: nn.Parameter | None = None
+        self.optimizer: GRACEOptimizer | None = None
+        self.active = -1  # the entry trained during an edit (-1: none)
+        self._where: tuple[Tensor, int, int] | None = None  # key positions (B,), B, T of the current forward
+        self._capture: tuple[Tensor, Tensor] | None = None  # (key, raw output) of the last forward, when asked
+
+    # --- attaching -------------------------------------------------------------------------------
+    def attach(self, model: nn.Module, edit_points: Sequence[EditPoint]) -> None:
+        text_points = [p for p in edit_points if p.modality == "text"]
+        if not text_points:
+            raise ValueError("GRACE needs at least one text edit point (backbone num_text_layers >= 1)")
+        self.path = text_points[self.layer].path
+        linear = model.get_submodule(self.path)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"GRACE: {self.path} is a {type(linear).__name__}, not an nn.Linear; check `layer`")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.value = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device))
+        linear.register_forward_hook(self._hook)
+        widths = (linear.in_features, linear.out_features)
+        log.info("GRACE codebook at %s (keys %d-wide, values %d-wide)", self.path, *widths)
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        if self.value is None:
+            raise RuntimeError("attach() the editor to a model before configure_optimizer()")
+        self.optimizer = GRACEOptimizer(self.value, lr=self.lr)
+        return self.optimizer
+
+    # --- the codebook ----------------------------------------------------------------------------
+    def codebook(self) -> dict[str, Tensor]:
+        """``keys`` (N, d_in), ``values`` (N, d_out), ``eps`` (N,) float32; empty before the first edit."""
+        book = self.optimizer.book if self.optimizer is not None else {}
+        return {k: book[k] for k in CODEBOOK} if "keys" in book else {}
+
+    def labels(self) -> list[str]:
+        book = self.optimizer.book
+        return texts_from_tensors(book["label_bytes"], book["label_ends"]) if "label_bytes" in book else []
+
+    def _store(self, keys: Tensor, values: Tensor, eps: Tensor, labels: list[str]) -> None:
+        book = self.optimizer.book
+        book.update(keys=keys, values=values, eps=eps)
+        book["label_bytes"], book["label_ends"] = texts_to_tensors(labels)
+
+    @contextmanager
+    def forward_context(self, inputs: ModelInputs) -> Iterator[None]:
+        self._where = (key_positions(inputs), *inputs.input_ids.shape)
+        try:
+            yield
+        finally:
+            self._where = None
+
+    def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if self._where is None:  # a forward outside the engine's logits(): no query to key on
+            return None
+        positions, B, T = self._where
+        x, out = args[0], output
+        flat = x.dim() == 2  # OPT runs its FFN on (B*T, d) rows
+        if flat:
+            x, out = x.view(B, T, -1), out.view(B, T, -1)
+        rows = torch.arange(B, device=x.device)
+        keys = x[rows, positions].float()  # (B, d_in)
+        if self._capture is not None:
+            self._capture = (keys.detach(), out[rows, positions].detach().float())  # (B, d_in), (B, d_out)
+        book = self.codebook()
+        if not book:
+            return None
+        dist = torch.cdist(keys, book["keys"])  # (B, N)
+        nearest, index = dist.min(dim=1)  # (B,)
+        hit = nearest <= book["eps"][index]  # (B,)
+        if not bool(hit.any()):
+            return None
+        values = book["values"]  # (N, d_out)
+        if self.active >= 0:  # the entry being trained: its value is the parameter (gradient flows into it)
+            a = self.active
+            values = torch.cat([values[:a], self.value[None], values[a + 1 :]])
+        chosen = values[index].to(out.dtype)  # (B, d_out)
+        steps = torch.arange(T, device=x.device)[None]  # (1, T)
+        at = steps >= positions[:, None] if self.replace == "after" else steps == positions[:, None]  # (B, T)
+        replaced = torch.where((at & hit[:, None])[..., None], chosen[:, None, :], out)  # (B, T, d_out)
+        return replaced.reshape(output.shape) if flat else replaced
+
+    # --- the edit --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def key_of(self, engine: EditEngine, inputs: ModelInputs) -> tuple[Tensor, Tensor]:
+        """The key (d_in,) of a query and the layer's own output (d_out,) there, from one forward."""
+        self._capture = (torch.empty(0), torch.empty(0))
+        try:
+            engine.logits(inputs)
+            key, out = self._capture
+        finally:
+            self._capture = None
+        return key[0], out[0]
+
+    def begin_edit(
+        self,
+        optimizer: torch.optim.Optimizer,
+        engine: EditEngine,
+        queries: dict[str, Query],
+        inputs: dict[str, ModelInputs],
+    ) -> None:
+        key, raw = self.key_of(engine, inputs["edit"])
+        label = queries["edit"].target if "edit" in queries else ""
+        book, labels = self.codebook(), self.labels()
+        device = key.device
+        if not book:
+            keys, values, eps = key.new_zeros(0, key.numel()), raw.new_zeros(0, raw.numel()), key.new_zeros(0)
+        else:
+            keys, values, eps = (book[k].clone() for k in CODEBOOK)
+        new = True
+        if labels:
+            dist = torch.linalg.vector_norm(keys - key, dim=1)  # (N,)
+            d, j = (float(v) for v in dist.min(dim=0))
+            j = int(j)
+            if d <= float(eps[j]) + self.epsilon:
+                if labels[j] == label:  # expand entry j to cover the new key
+                    eps[j] = max(float(eps[j]), d)
+                    new, self.active = False, j
+                elif d == 0.0:  # the very same key: the newer edit overwrites the entry
+                    labels[j], values[j] = label, raw
+                    new, self.active = False, j
+                else:  # split: both balls shrink to half the distance
+                    eps[j] = d / 2
+                    keys, values = torch.cat([keys, key[None]]), torch.cat([values, raw[None]])
+                    eps, labels = torch.cat([eps, eps.new_tensor([d / 2])]), [*labels, label]
+                    new, self.active = False, len(labels) - 1
+        if new:
+            keys, values = torch.cat([keys, key[None]]), torch.cat([values, raw[None]])
+            eps, labels = torch.cat([eps, eps.new_tensor([self.epsilon])]), [*labels, label]
+            self.active = len(labels) - 1
+        self._store(keys.to(device), values.to(device), eps.to(device), labels)
+        with torch.no_grad():
+            self.value.copy_(values[self.active])
+        self.optimizer.reset_moments()
+
+    def end_edit(self, optimizer: torch.optim.Optimizer) -> None:
+        book = self.optimizer.book
+        values = book["values"].clone()
+        values[self.active] = self.value.detach()
+        book["values"] = values
+        self.active = -1
+        self.optimizer.reset_moments()
+
+    def diagnostics(self, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, float]]:
+        book = self.codebook()
+        eps = book["eps"] if book else torch.zeros(1)
+        return {self.path: {"entries": float(eps.numel()), "mean_eps": float(eps.mean()) if eps.numel() else 0.0}}
