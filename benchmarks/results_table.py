@@ -144,7 +144,9 @@ def main() -> None:
     parser.add_argument("--horizons", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
     parser.add_argument("--single-edits", type=int, default=100, help="edits averaged for the T = 1 rows")
-    parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run, e.g. --model...")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="extra overrides for every run as key=value (dotted CLI keys)"
+    )
     parser.add_argument("--out", help="also write the rows as JSON lines here")
     parser.add_argument("--summary", nargs="+", help="only print the README's summary table of these --out files")
     args = parser.parse_args()
@@ -154,7 +156,8 @@ def main() -> None:
     runs = []  # (metrics, horizon, command)
     for config in args.configs:
         for horizon in args.horizons:
-            metrics, command = run_horizon(config, horizon, args.split, args.single_edits, args.set)
+            overrides = [x for item in args.set for x in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1])]
+            metrics, command = run_horizon(config, horizon, args.split, args.single_edits, overrides)
             runs.append((metrics, horizon, command))
             if args.out:
                 with open(args.out, "a") as f:

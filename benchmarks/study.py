@@ -95,9 +95,31 @@ def report(out: Path, min_landed: float) -> str:
         "",
         "`python benchmarks/study.py --out docs/study`. 100 edits per run; ranked by held-out retention Avg;",
         f"a candidate lands ≥ {min_landed:g} % of its edits exactly (EM imm.; where none does, the one that lands",
-        "most is chosen). `*`: the choice.",
+        "most is chosen). `*`: each round's choice; the first table takes the best over all rounds.",
     ]
-    for path in sorted(out.glob("*_r*.json")):
+    paths = sorted(out.glob("*_r*.json"))
+    lines += [
+        "",
+        "| task | editor | runs | choice (over all rounds) | ret. Avg | imm. Avg | EM imm. / ret. |",
+        "|---|---|---:|---|---:|---:|---|",
+    ]
+    for task in ("evqa", "eic"):
+        for editor in CONFIGS:
+            rows = [
+                r
+                for p in paths
+                if p.stem.rsplit("_", 1)[0] == f"{task}_{editor}"
+                for r in json.loads(p.read_text())["runs"]
+            ]
+            if not rows:
+                continue
+            best = choose(rows, min_landed)
+            em = best["metrics"]["exact_match"]
+            lines.append(
+                f"| {task} | {editor} | {len(rows)} | {short(best['setting'])} | {best['retention_avg']:.1f} "
+                f"| {best['immediate_avg']:.1f} | {em['immediate']['rel']:.0f} / {em['retention']['rel']:.0f} |"
+            )
+    for path in paths:
         data = json.loads(path.read_text())
         rows = data["runs"]
         best = choose(rows, min_landed)
