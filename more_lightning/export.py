@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from more_lightning.adapters.low_rank import LowRankLinear, unwrap_linear
-from more_lightning.editors.state import apply_edit_state, check_edit_state
+from more_lightning.editors.state import apply_edit_state, check_edit_state, check_state_metadata, read_metadata
 from more_lightning.module import OnlineEditModule
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ def apply_state_file(module: OnlineEditModule, path: str | Path) -> None:
         raise ExportError(f"edit state {path} is not a safetensors file ({exc})") from exc
     params = {k: v for k, v in state.items() if k.startswith("param/")}
     try:
+        check_state_metadata(module.editor.state_metadata(), read_metadata(path), f"edit state {path}")
         check_edit_state(module.model, params, f"edit state {path}")
     except ValueError as exc:
         raise ExportError(f"{exc} (editor {type(module.editor).__name__})") from exc

@@ -378,7 +378,7 @@ class OnlineEditModule(LightningModule):
         optimizer = self.editor.configure_optimizer()
         self.editor.prepare(optimizer, self)  # e.g. retain keys; a loaded edit state or checkpoint replaces them
         if self.load_edit_state and self._resume is None:  # a checkpoint already holds it, and more
-            metadata = load_edit_state(self.model, optimizer, self.load_edit_state)
+            metadata = load_edit_state(self.model, optimizer, self.load_edit_state, self.editor.state_metadata())
             self._prior_records = json.loads(metadata.get("records", "[]"))
             self._prior_hashes = set(self._prior_records)
             if int(metadata.get("num_edits", "0")) and not self._prior_records:
@@ -851,7 +851,9 @@ class OnlineEditModule(LightningModule):
     @override
     def on_predict_start(self) -> None:
         if self.load_edit_state:
-            metadata = load_edit_state(self.model, self.editor.configure_optimizer(), self.load_edit_state)
+            metadata = load_edit_state(
+                self.model, self.editor.configure_optimizer(), self.load_edit_state, self.editor.state_metadata()
+            )
             rank_zero_info(f"predict: edit state {self.load_edit_state} ({metadata.get('num_edits', '?')} edits)")
         self._predictions_path = self._predictions_file()
         self._predictions = self._predictions_path.open("w", encoding="utf-8")
@@ -1031,7 +1033,7 @@ class OnlineEditModule(LightningModule):
             return None
         path = self.run_dir() / "edit_state.safetensors"
         records = self._prior_records + self._applied
-        metadata = {"num_edits": str(len(records)), "records": json.dumps(records)}
+        metadata = {"num_edits": str(len(records)), "records": json.dumps(records), **self.editor.state_metadata()}
         save_edit_state(self.model, self.optimizers().optimizer, path, metadata, state)
         return path
 

@@ -47,7 +47,13 @@ from safetensors.torch import load_file
 
 from more_lightning.data.records import EditRecord, Query
 from more_lightning.data.schema import load_image
-from more_lightning.editors.state import apply_edit_state, check_edit_state, edit_state_dict, save_edit_state
+from more_lightning.editors.state import (
+    apply_edit_state,
+    check_edit_state,
+    check_state_metadata,
+    edit_state_dict,
+    save_edit_state,
+)
 from more_lightning.generate import greedy_answer
 from more_lightning.journal import JOURNAL_NAME, Journal, now, state_sha256
 from more_lightning.module import AppliedEdit, OnlineEditModule, StreamError
@@ -124,6 +130,7 @@ class EditService:
                     "serve it with the config it was written with, or give another --state-dir"
                 )
             try:
+                check_state_metadata(self.module.editor.state_metadata(), metadata, f"edit state {path}")
                 check_edit_state(self.module.model, {k: v for k, v in tensors.items() if k.startswith("param/")})
             except ValueError as exc:
                 raise ServiceError(f"{path}: {exc}") from exc
@@ -210,6 +217,7 @@ class EditService:
             "records": json.dumps(records),
             "editor": type(self.module.editor).__name__,
             "backbone": self.backbone_name,
+            **self.module.editor.state_metadata(),
         }
         save_edit_state(self.module.model, self.optimizer, self.state_path, metadata, state)
         self.records = records

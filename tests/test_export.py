@@ -151,6 +151,10 @@ def _case(case: str, runs, tmp_path: Path) -> tuple[Path, Path, Path]:
         config = ftl_config
     elif case == "other-rank":
         config = stream_config(tmp_path / "r8.yaml", TINY, MMEDIT, editor="{r: 8, alpha: 16}")
+    elif case == "other-seed":  # the same shapes, other fixed write bases A: B would mean something else
+        kwargs = {**EDITORS["more"][1], "seed": 1}
+        editor = "{" + ", ".join(f"{k}: {v}" for k, v in kwargs.items()) + "}"
+        config = stream_config(tmp_path / "seed1.yaml", TINY, MMEDIT, editor=editor)
     elif case == "no-checkpoint":
         config = stream_config(tmp_path / "nockpt.yaml", tmp_path / "missing_model", MMEDIT)
     elif case == "unknown-option":
@@ -167,7 +171,8 @@ def _case(case: str, runs, tmp_path: Path) -> tuple[Path, Path, Path]:
         ("no-state", "nope.safetensors not found"),
         ("ft-l-state-for-more", "does not fit this editor and model"),
         ("more-state-for-ft-l", "does not fit this editor and model"),
-        ("other-rank", "lora_B has shape [128, 112], this editor has [128, 8]"),
+        ("other-rank", "write_bases seed=0 r=112, this editor has seed=0 r=8"),
+        ("other-seed", "was written with write_bases seed=0 r=112, this editor has seed=1 r=112"),
         ("no-checkpoint", "no checkpoint at"),
         ("unknown-option", "Option 'alpah' is not accepted"),
         ("out-not-empty", "is not an empty folder"),

@@ -266,3 +266,20 @@ def test_every_curve_is_indexed_by_the_edit_and_retention_logs_the_forgetting_cu
         curve = [value for _, value in per_edit[f"retention/{key}"]]
         assert curve == pytest.approx([line["scores"][key] for line in lines], abs=1e-4)
         assert sum(curve) / 3 == pytest.approx(metrics["retention"][key], abs=1e-3)
+
+
+def test_an_edit_state_names_its_fixed_write_bases_and_refuses_others(tiny_llava_dir, tmp_path):
+    """A frozen A is rebuilt from (seed, r), not saved: a state loaded under another seed is an error, not noise."""
+    from more_lightning.editors.more import MORE
+    from more_lightning.editors.state import load_edit_state, read_metadata, save_edit_state
+
+    module = OnlineEditModule(LlavaBackbone(path=str(tiny_llava_dir), num_text_layers=1), MORE(r=4, alpha=8, seed=0))
+    optimizer = module.editor.configure_optimizer()
+    path = tmp_path / "state.safetensors"
+    save_edit_state(module.model, optimizer, path, module.editor.state_metadata())
+    assert read_metadata(path)["write_bases"] == "seed=0 r=4"
+    same = OnlineEditModule(LlavaBackbone(path=str(tiny_llava_dir), num_text_layers=1), MORE(r=4, alpha=8, seed=0))
+    load_edit_state(same.model, same.editor.configure_optimizer(), path, same.editor.state_metadata())
+    other = OnlineEditModule(LlavaBackbone(path=str(tiny_llava_dir), num_text_layers=1), MORE(r=4, alpha=8, seed=1))
+    with pytest.raises(ValueError, match="written with write_bases seed=0 r=4, this editor has seed=1 r=4"):
+        load_edit_state(other.model, other.editor.configure_optimizer(), path, other.editor.state_metadata())

@@ -103,6 +103,11 @@ class Editor:
         """
         return {}
 
+    def state_metadata(self) -> dict[str, str]:
+        """Settings that the saved tensors do not hold but that decide what they mean (the seed of fixed write
+        bases, ...). Written into every edit state; loading a state whose values differ is an error."""
+        return {}
+
     def written_modules(self) -> dict[str, nn.Module]:
         """Modules whose effective weight the editor changes (for analyses of ΔW)."""
         return {}

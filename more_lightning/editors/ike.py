@@ -8,7 +8,8 @@ demonstration sits next to the query (IKE's ordering). An empty memory leaves qu
 
 Retriever: IKE uses an unsupervised sentence encoder (EasyEdit: all-MiniLM-L6-v2); here the embedding is the
 backbone's own: the mean of its input-embedding rows over the prompt's tokens (no special tokens, no image).
-It needs nothing beyond the model, is deterministic, and is unsupervised, as IKE's retriever is; it is a bag-of-words encoder, blind to word order.
+It needs nothing beyond the model, is deterministic, and is unsupervised, as IKE's retriever is; it is a
+bag-of-words encoder, blind to word order.
 
 Simplified versus the paper: demonstrations come from the edit memory only (IKE also mixes "update" and "retain"
 demonstrations from a training corpus, to teach when a fact applies); every demonstration is the "copy" kind,

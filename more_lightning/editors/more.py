@@ -401,5 +401,9 @@ class MORE(DelegatingEditor):
     def written_modules(self) -> dict[str, nn.Module]:
         return {name: adapter for name, adapter, _ in self.adapters}
 
+    def state_metadata(self) -> dict[str, str]:
+        # a frozen A is rebuilt from (seed, r) and never saved: B means nothing under other bases
+        return {"write_bases": f"seed={self.seed} r={self.r}"} if self.freeze_A else {}
+
     def delta_weight(self, name: str) -> Tensor:
         return self.written_modules()[name].get_delta_weight().detach()

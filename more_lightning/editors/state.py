@@ -100,17 +100,37 @@ def check_edit_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
             )
 
 
-def load_edit_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> dict[str, str]:
+def check_state_metadata(expected: dict[str, str], saved: dict[str, str], source: str = "edit state") -> None:
+    """Raise ``ValueError`` where ``saved`` (an edit state's metadata) gives a setting another value than
+    ``expected`` (the editor's :meth:`~more_lightning.editors.base.Editor.state_metadata`)."""
+    for key, value in expected.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(
+                f"{source} was written with {key} {saved[key]}, this editor has {value}; "
+                "use the config it was written with"
+            )
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_edit_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path, expected: dict[str, str] | None = None
+) -> dict[str, str]:
     """Restore a state written by :func:`save_edit_state` into an identically configured editor.
 
-    Returns the file's metadata (``num_edits``, ``records``: JSON list of the applied records' hashes, ...).
+    ``expected``: the editor's state metadata, checked against the file's first. Returns the file's metadata
+    (``num_edits``, ``records``: JSON list of the applied records' hashes, ...).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"edit state {str(path)!r} not found (set `--model.init_args.load_edit_state`)")
+    metadata = read_metadata(path)
+    check_state_metadata(expected or {}, metadata, f"edit state {path}")
     apply_edit_state(model, optimizer, load_file(path), path.name)
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return metadata
 
 
 def keep_stats_dtype(
