@@ -39,6 +39,7 @@ CONFIGS = {
     "more": "configs/tiny_llava_{task}.yaml",
     "ft_l": "configs/tiny_llava_{task}_ft_l.yaml",
     "lora_ft": "configs/tiny_llava_{task}_lora_ft.yaml",
+    "alphaedit": "configs/tiny_llava_{task}_alphaedit.yaml",
 }
 
 #: (task, editor, round) -> grid items (``key=v1,v2``; 16 runs each). Round 1 is the same grid on both tasks.
@@ -69,6 +70,17 @@ GRIDS[("evqa", "lora_ft", 2)] = [
     f"{E}.eta=0.01,0.03,0.1,0.3",
     f"{E}.image_eta=0.01,0.03",
     f"{E}.steps_per_edit=3,5",
+]
+# AlphaEdit on E-VQA: its two rounds were fixed in advance and run side by side (same budget: 32 runs).
+GRIDS[("evqa", "alphaedit", 1)] = [
+    f"{E}.value_lr=0.3,1,3,10",
+    f"{E}.nullspace_threshold=0.02,0.005",
+    f"{E}.steps_per_edit=3,5",
+]
+GRIDS[("evqa", "alphaedit", 2)] = [
+    f"{E}.value_lr=0.3,1,3,10",
+    f"{E}.nullspace_threshold=0.002,0.0005",
+    f"{E}.l2=1,10",
 ]
 GRIDS[("evqa", "ft_l", 2)] = [f"{E}.lr=0.05,0.1,0.2,0.3", f"{E}.steps_per_edit=2,3", f"{E}.layer=-1,-2"]
 

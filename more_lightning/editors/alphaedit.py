@@ -195,7 +195,7 @@ class AlphaEdit(DelegatingEditor):
     ) -> None:
         for key, value in {"value_lr": value_lr, "l2": l2, "nullspace_threshold": nullspace_threshold}.items():
             if not value > 0:
-                raise ValueError(f"AlphaEdit: {key} must be > 0, got {value} (editor init_args.{key})")
+                raise ValueError(f"AlphaEdit: {key} must be > 0, got {value}")
         if steps_per_edit < 1:
             raise ValueError(f"AlphaEdit: steps_per_edit must be >= 1, got {steps_per_edit}")
         if retain_records < 1 or not retain_files:

@@ -110,7 +110,7 @@ class MORESettings:
         for key in ("eta", "lam", "image_eta", "image_lam"):
             value = getattr(self, key)
             if value is not None and not value > 0:
-                raise ValueError(f"M-ORE: {key} must be > 0, got {value} (editor init_args.{key})")
+                raise ValueError(f"M-ORE: {key} must be > 0, got {value}")
         if self.prior not in ("paper", "public"):
             raise ValueError(f"M-ORE: prior must be 'paper' or 'public', got {self.prior!r}")
         if self.write_with not in ("current", "previous"):
