@@ -82,6 +82,12 @@ GRIDS[("evqa", "alphaedit", 2)] = [
     f"{E}.nullspace_threshold=0.002,0.0005",
     f"{E}.l2=1,10",
 ]
+# AlphaEdit on E-IC: 16 runs, E-VQA round 2's region with the threshold of both rounds' end (run in two halves).
+GRIDS[("eic", "alphaedit", 1)] = [
+    f"{E}.value_lr=0.3,1,3,10",
+    f"{E}.nullspace_threshold=0.002,0.0005",
+    f"{E}.l2=1,10",
+]
 GRIDS[("evqa", "ft_l", 2)] = [f"{E}.lr=0.05,0.1,0.2,0.3", f"{E}.steps_per_edit=2,3", f"{E}.layer=-1,-2"]
 
 
