@@ -82,12 +82,8 @@ GRIDS[("evqa", "alphaedit", 2)] = [
     f"{E}.nullspace_threshold=0.002,0.0005",
     f"{E}.l2=1,10",
 ]
-# AlphaEdit on E-IC: 16 runs, E-VQA round 2's region with the threshold of both rounds' end (run in two halves).
-GRIDS[("eic", "alphaedit", 1)] = [
-    f"{E}.value_lr=0.3,1,3,10",
-    f"{E}.nullspace_threshold=0.002,0.0005",
-    f"{E}.l2=1,10",
-]
+# AlphaEdit on E-IC: 16 runs over E-VQA round 2's grid (run in two halves).
+GRIDS[("eic", "alphaedit", 1)] = list(GRIDS[("evqa", "alphaedit", 2)])
 GRIDS[("evqa", "ft_l", 2)] = [f"{E}.lr=0.05,0.1,0.2,0.3", f"{E}.steps_per_edit=2,3", f"{E}.layer=-1,-2"]
 
 
@@ -115,7 +111,7 @@ def report(out: Path, min_landed: float) -> str:
         f"a candidate lands ≥ {min_landed:g} % of its edits exactly (EM imm.; where none does, the one that lands",
         "most is chosen). `*`: each round's choice; the first table takes the best over all rounds.",
     ]
-    paths = sorted(out.glob("*_r*.json"))
+    rounds = {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("*_r*.json"))}
     lines += [
         "",
         "| task | editor | runs | choice (over all rounds) | ret. Avg | imm. Avg | EM imm. / ret. |",
@@ -124,10 +120,7 @@ def report(out: Path, min_landed: float) -> str:
     for task in ("evqa", "eic"):
         for editor in CONFIGS:
             rows = [
-                r
-                for p in paths
-                if p.stem.rsplit("_", 1)[0] == f"{task}_{editor}"
-                for r in json.loads(p.read_text())["runs"]
+                r for stem, data in rounds.items() if stem.rsplit("_", 1)[0] == f"{task}_{editor}" for r in data["runs"]
             ]
             if not rows:
                 continue
@@ -137,13 +130,12 @@ def report(out: Path, min_landed: float) -> str:
                 f"| {task} | {editor} | {len(rows)} | {short(best['setting'])} | {best['retention_avg']:.1f} "
                 f"| {best['immediate_avg']:.1f} | {em['immediate']['rel']:.0f} / {em['retention']['rel']:.0f} |"
             )
-    for path in paths:
-        data = json.loads(path.read_text())
+    for stem, data in rounds.items():
         rows = data["runs"]
         best = choose(rows, min_landed)
         lines += [
             "",
-            f"## {path.stem} ({data['config']}, {len(rows)} runs)",
+            f"## {stem} ({data['config']}, {len(rows)} runs)",
             "",
             "| ret. Avg | imm. Avg | Rel imm. / ret. | EM imm. / ret. | T-Loc ret. | M-Loc ret. | setting |",
             "|---:|---:|---:|---:|---:|---:|---|",

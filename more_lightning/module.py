@@ -410,7 +410,9 @@ class OnlineEditModule(LightningModule):
     def encode_query(self, query: Query) -> ModelInputs:
         """``query`` as the editor has the model asked (:meth:`Editor.rewrite_query`), tokenised by the backbone, on
         the model's device, floats in the model's dtype."""
-        query = self.editor.rewrite_query(query, self)
+        return self._tokenize(self.editor.rewrite_query(query, self))
+
+    def _tokenize(self, query: Query) -> ModelInputs:
         return self.backbone.encode(self.processor, query, self.image_token_id).to(self.device, self.model.dtype)
 
     def _encode_after_write(
@@ -418,14 +420,17 @@ class OnlineEditModule(LightningModule):
     ) -> dict[str, ModelInputs]:
         """``inputs`` for scoring after a write: the queries the editor now rewrites (IKE's demonstrations, retrieved
         from a memory that holds this edit) encoded again, the others as they were."""
-        changed = {n: q for n, q in queries.items() if n in inputs and self.editor.rewrite_query(q, self) is not q}
-        return {**inputs, **self._encode(changed, source)} if changed else inputs
+        rewritten = {n: self.editor.rewrite_query(q, self) for n, q in queries.items() if n in inputs}
+        changed = {n: q for n, q in rewritten.items() if q is not queries[n]}
+        return {**inputs, **self._encode(changed, source, rewritten=True)} if changed else inputs
 
-    def _encode(self, queries: dict[str, Query], source: str = "") -> dict[str, ModelInputs]:
+    def _encode(self, queries: dict[str, Query], source: str = "", rewritten: bool = False) -> dict[str, ModelInputs]:
+        """Each query encoded (:meth:`encode_query`; ``rewritten``: already rewritten by the editor, only tokenised);
+        a query that cannot be built is a :class:`StreamError` naming the record's fields."""
         encoded = {}
         for name, q in queries.items():
             try:
-                encoded[name] = self.encode_query(q)
+                encoded[name] = self._tokenize(q) if rewritten else self.encode_query(q)
             except Exception as exc:
                 raise StreamError(
                     f"{source or 'edit'}, fields {QUERY_FIELDS.get(name, name)}: cannot build the {name} query "
