@@ -41,4 +41,5 @@ def run_probed_stream(
                 *overrides,
             ]
         )
-    return run, next(c for c in run.trainer.callbacks if isinstance(c, probe))
+    # by name: the CLI may import the probe's module a second time (a script loaded from its file path)
+    return run, next(c for c in run.trainer.callbacks if type(c).__qualname__ == probe.__qualname__)

@@ -40,6 +40,8 @@ CONFIGS = {
     "ft_l": "configs/tiny_llava_{task}_ft_l.yaml",
     "lora_ft": "configs/tiny_llava_{task}_lora_ft.yaml",
     "alphaedit": "configs/tiny_llava_{task}_alphaedit.yaml",
+    "ft_m": "configs/tiny_llava_{task}_ft_m.yaml",
+    "mend": "configs/tiny_llava_{task}_mend.yaml",
 }
 
 #: (task, editor, round) -> grid items (``key=v1,v2``; 16 runs each). Round 1 is the same grid on both tasks.
@@ -53,6 +55,7 @@ for _task in ("evqa", "eic"):
         f"{E}.image_lam=1000",
     ]
     GRIDS[(_task, "ft_l", 1)] = [f"{E}.lr=0.003,0.01,0.03,0.1", f"{E}.steps_per_edit=1,3,5,10"]
+    GRIDS[(_task, "ft_m", 1)] = [f"{E}.lr=0.003,0.01,0.03,0.1", f"{E}.steps_per_edit=1,3,5,10"]
     GRIDS[(_task, "lora_ft", 1)] = [
         f"{E}.eta=0.003,0.01,0.03,0.1",
         f"{B}.projector_modules={PROJECTOR},[]",
@@ -84,6 +87,16 @@ GRIDS[("evqa", "alphaedit", 2)] = [
 ]
 # AlphaEdit on E-IC: 16 runs over E-VQA round 2's grid (run in two halves).
 GRIDS[("eic", "alphaedit", 1)] = list(GRIDS[("evqa", "alphaedit", 2)])
+# MEND: two meta-trained networks (configs/tiny_llava_mend_train.yaml as committed, edit_weight 0.1, and the same
+# run with --model.init_args.edit_weight 1.0 --model.init_args.out_file models/tiny_llava_mend_edit1.safetensors)
+# times the stream-time knobs; the same round-1 grid on both tasks.
+MEND_NETWORKS = "models/tiny_llava_mend.safetensors,models/tiny_llava_mend_edit1.safetensors"
+for _task in ("evqa", "eic"):
+    GRIDS[(_task, "mend", 1)] = [
+        f"{E}.networks={MEND_NETWORKS}",
+        f"{E}.lr_scale=0.25,0.5,1,2",
+        f"{E}.steps_per_edit=1,3",
+    ]
 GRIDS[("evqa", "ft_l", 2)] = [f"{E}.lr=0.05,0.1,0.2,0.3", f"{E}.steps_per_edit=2,3", f"{E}.layer=-1,-2"]
 
 

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ from more_lightning.data.datamodule import EditStream, EditStreamDataModule
 from more_lightning.editors.ft_l import FTL
 from more_lightning.editors.more import MORE
 from more_lightning.editors.state import edit_state_dict
+from tests.conftest import benchmark_script
 from tests.heldout_companion import copy_fixtures, write_companion
 
 from .stream_helpers import stream_config
@@ -194,11 +194,7 @@ def test_single_edits_score_held_out_immediately_only(tiny_llava_dir, data, monk
 
 
 def _results_table():
-    path = Path(__file__).parents[1] / "benchmarks" / "results_table.py"
-    spec = importlib.util.spec_from_file_location("results_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("results_table")
 
 
 def test_stream_through_cli_writes_held_out_metrics_and_tags(tiny_llava_dir, data, tmp_path):

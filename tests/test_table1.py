@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-from tests.conftest import MMEDIT
+from tests.conftest import MMEDIT, benchmark_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _table1():
-    spec = importlib.util.spec_from_file_location("table1", ROOT / "benchmarks" / "table1.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("table1")
 
 
 def test_default_rows_are_the_papers_editors_on_both_tasks():

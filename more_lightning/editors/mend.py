@@ -280,12 +280,16 @@ class MENDOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(
-        self, modules: Sequence[tuple[str, nn.Linear]], networks: MENDNetworks, factors: GradientFactors
+        self,
+        modules: Sequence[tuple[str, nn.Linear]],
+        networks: MENDNetworks,
+        factors: GradientFactors,
+        lr_scale: float = 1.0,
     ) -> None:
         if not modules:
             raise ValueError("MENDOptimizer: no modules to edit")
         super().__init__([{"params": [m.weight], "name": name} for name, m in modules], {})
-        self.networks, self.factors = networks.eval(), factors
+        self.networks, self.factors, self.lr_scale = networks.eval(), factors, lr_scale
         self._deltas: dict[str, Tensor] = {}
         self._rows: dict[str, int] = {}
 
@@ -299,7 +303,7 @@ class MENDOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """``W ← W − α_l Σ_i δ̃_i ũ_iᵀ`` per module whose factors the last backward pass stored."""
+        """``W ← W − s α_l Σ_i δ̃_i ũ_iᵀ`` per module whose factors the last backward pass stored (s: ``lr_scale``)."""
         loss = None if closure is None else torch.enable_grad()(closure)()
         factors = self.factors.factors()
         for group in self.param_groups:
@@ -308,7 +312,7 @@ class MENDOptimizer(torch.optim.Optimizer):
                 continue
             self.networks.to(W.device)  # a no-op after the first step
             u, delta_out = (f.float() for f in factors[name])
-            delta = self.networks.delta(name, u, delta_out)  # (d_out, d_in)
+            delta = self.lr_scale * self.networks.delta(name, u, delta_out)  # (d_out, d_in)
             W.add_(delta.to(W.dtype))
             self._deltas[name] = self._deltas.get(name, 0) + delta
             self._rows[name] = u.shape[0]
@@ -344,13 +348,18 @@ class MEND(DelegatingEditor):
         networks: the meta-trained editor networks (safetensors), written by
             ``python cli.py fit --config configs/<backbone>_mend_train.yaml``.
         steps_per_edit: network writes per edit (MEND: 1).
+        lr_scale: multiplies the learned step sizes ``α_l`` at edit time (MEND: 1); a stream-time knob, tuned on
+            the train split like every editor's.
     """
 
-    def __init__(self, networks: str, steps_per_edit: int = 1) -> None:
+    def __init__(self, networks: str, steps_per_edit: int = 1, lr_scale: float = 1.0) -> None:
         if steps_per_edit < 1:
             raise ValueError(f"MEND: steps_per_edit must be >= 1, got {steps_per_edit}")
+        if not lr_scale > 0:
+            raise ValueError(f"MEND: lr_scale must be > 0, got {lr_scale}")
         self.networks_file = networks
         self.steps_per_edit = steps_per_edit
+        self.lr_scale = lr_scale
         self.modules: dict[str, nn.Linear] = {}
         self.initial_weights: dict[str, Tensor] = {}
         self.networks: MENDNetworks | None = None
@@ -378,7 +387,7 @@ class MEND(DelegatingEditor):
     def configure_optimizer(self) -> MENDOptimizer:
         if self.networks is None:
             raise RuntimeError("attach() the editor to a model before configure_optimizer()")
-        return MENDOptimizer(list(self.modules.items()), self.networks, self.factors)
+        return MENDOptimizer(list(self.modules.items()), self.networks, self.factors, self.lr_scale)
 
     def written_modules(self) -> dict[str, nn.Module]:
         return dict(self.modules)

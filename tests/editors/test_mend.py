@@ -125,6 +125,29 @@ def test_edit_state_round_trips(tiny_llava_dir, monkeypatch, tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_lr_scale_multiplies_the_write_of_the_optimizer():
+    torch.manual_seed(0)
+    writes = {}
+    for scale in (1.0, 2.5):
+        linear = nn.Linear(6, 4, dtype=torch.float32)
+        linear.weight.data = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 24
+        linear.bias.data = torch.zeros(4)
+        networks = MENDNetworks({"m": (4, 6)}, rank=3, edit_lr=0.3)
+        factors = GradientFactors({"m": linear})
+        optimizer = MENDOptimizer([("m", linear)], networks, factors, lr_scale=scale)
+        before = linear.weight.detach().clone()
+        with factors.record():
+            loss = (linear(torch.linspace(-1, 1, 18).reshape(3, 6)) ** 2).sum()
+        loss.backward()
+        expected = -0.3 * scale * linear.weight.grad
+        optimizer.step()
+        writes[scale] = linear.weight.detach() - before
+        torch.testing.assert_close(writes[scale], expected)  # untrained networks: a scaled gradient step
+    torch.testing.assert_close(writes[2.5], 2.5 * writes[1.0])
+    with pytest.raises(ValueError, match="lr_scale"):
+        MEND(networks="unused.safetensors", lr_scale=0)
+
+
 def test_networks_of_another_backbone_are_refused(tiny_llava_dir, tmp_path):
     path = tmp_path / "other.safetensors"
     MENDNetworks({TEXT[1]: (64, 96)}, rank=4).save(path)  # one layer: this backbone declares two

@@ -10,6 +10,7 @@ from more_lightning.data.records import HELDOUT_KEYS, MMEDIT_KEYS
 from more_lightning.data.schema import heldout_path, read_mmedit, validate_record
 from more_lightning.world.benchmark import FILES, build_benchmark, fidelity_report, main
 from more_lightning.world.questions import QTYPES
+from tests.conftest import benchmark_script
 
 
 def _build(root: Path, **kwargs) -> dict[str, int]:
@@ -111,13 +112,7 @@ def test_evaluate_reports_on_the_chosen_split(bench, tmp_path):
 
 
 def _world_attention():
-    import importlib.util
-
-    path = Path(__file__).parents[2] / "benchmarks" / "world_attention.py"
-    spec = importlib.util.spec_from_file_location("world_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("world_attention")
 
 
 def test_attention_split_adds_up_to_the_image_mass(bench):
