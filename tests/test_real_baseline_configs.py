@@ -1,9 +1,11 @@
-"""The shipped real-backbone FT-M, AlphaEdit, GRACE, IKE and LiveEdit configs, run unchanged except for paths, horizon
-and log folder (and LiveEdit's layer on the BLIP-2 stand-in, which has fewer language layers than it counts back).
+"""The shipped real-backbone FT-M, AlphaEdit, GRACE, IKE, LiveEdit and SERAC configs, run unchanged except for paths,
+horizon and log folder (LiveEdit's layer on the BLIP-2 stand-in, which has fewer language layers than it counts back;
+SERAC's networks from its real training configs run for 2 steps on the stand-ins).
 
 As ``test_real_configs.py`` does for M-ORE: tiny random LLaVA / BLIP-2 checkpoints (the real transformers
 classes) stand in for LLaVA-1.5-7B and BLIP-2-OPT-2.7B, the MMEdit fixtures for the MMEdit files (AlphaEdit's
-retain keys from the fixture's train files); each config runs a 3-edit stream through ``cli.py fit``.
+retain keys from the fixture's train files; SERAC's networks from its shipped training config, run for 2 steps on the
+fixture's train files); each config runs a 3-edit stream through ``cli.py fit``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ BASELINES = {
     "blip2_evqa_ike": ("blip2", "IKE", set()),
     "llava_evqa_liveedit": ("llava", "LiveEdit", set()),
     "blip2_evqa_liveedit": ("blip2", "LiveEdit", set()),
+    "llava_evqa_serac": ("llava", "SERAC", set()),
+    "blip2_evqa_serac": ("blip2", "SERAC", set()),
 }
 #: LiveEdit edits layer 21 of 32 (11 from the top); the tiny BLIP-2 stand-in has 8 language layers: its first, there.
 SHALLOW_BLIP2 = [
@@ -49,6 +53,29 @@ RETAIN = [
 ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def serac_networks(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
+    """Per family, SERAC networks written by the shipped ``<family>_serac_train.yaml`` after 2 steps."""
+    folder = tmp_path_factory.mktemp("serac")
+    files = {}
+    for family, checkpoint in checkpoints.items():
+        files[family] = folder / f"{family}_serac.safetensors"
+        cli.main(
+            [
+                "fit", "--config", str(CONFIGS / f"{family}_serac_train.yaml"),
+                "--model.init_args.backbone.init_args.path", str(checkpoint),
+                "--model.init_args.out_file", str(files[family]),
+                "--data.init_args.train_files", json.dumps(RETAIN_FILES),
+                "--data.init_args.image_root", str(MMEDIT / "coco"),
+                "--data.init_args.rephrase_root", str(MMEDIT / "rephrase"),
+                "--trainer.max_steps", "2",
+                "--trainer.logger.init_args.save_dir", str(folder),
+                "--trainer.enable_progress_bar", "false",
+            ]
+        )  # fmt: skip
+    return files
+
+
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_baseline_config_header_and_settings(name: str) -> None:
     _, backbone, editor, data = checked_header(name)
@@ -60,12 +87,24 @@ def test_baseline_config_header_and_settings(name: str) -> None:
     if name.endswith("alphaedit"):  # AlphaEdit's own null-space threshold and L2; K0 from both train files
         assert (editor["nullspace_threshold"], editor["l2"]) == (0.02, 10.0)
         assert [Path(f).name for f in editor["retain_files"]] == ["vqa_train.json", "caption_train_edit.json"]
+    if name.endswith("serac"):  # SERAC's threshold; the networks its training config writes, for this backbone
+        assert editor["threshold"] == 0.5
+        train = _load(name.replace("evqa_serac", "serac_train"))["model"]["init_args"]
+        assert train["out_file"] == editor["networks"]
+        assert train["backbone"] == _load(name)["model"]["init_args"]["backbone"]
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
-def test_baseline_config_runs_a_3_edit_stream(name: str, checkpoints: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_baseline_config_runs_a_3_edit_stream(
+    name: str,
+    checkpoints: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
     family, editor, written = BASELINES[name]
     extra = RETAIN if editor == "AlphaEdit" else SHALLOW_BLIP2 if (editor, family) == ("LiveEdit", "blip2") else []
+    if editor == "SERAC":
+        extra = ["--model.init_args.editor.init_args.networks", str(request.getfixturevalue("serac_networks")[family])]
     args = [
         "fit",
         "--config",

@@ -240,7 +240,7 @@ class MENDTrainDataModule(LightningDataModule):
         records = []
         for path in self.train_files:
             if not Path(path).is_file():
-                raise FileNotFoundError(f"MEND train file {path!r} not found: fix data.init_args.train_files")
+                raise FileNotFoundError(f"train file {path!r} not found: fix data.init_args.train_files")
             records += read_mmedit(
                 path, self.image_root, self.rephrase_root, m_loc_root=self.m_loc_root, limit=self.records_per_file
             )
