@@ -31,8 +31,8 @@ DEFAULT_CONFIGS = (
     "configs/tiny_llava_evqa.yaml",
     "configs/tiny_llava_evqa_grace.yaml",
     "configs/tiny_llava_evqa_ike.yaml",
-    "configs/tiny_llava_evqa_alphaedit.yaml",
-    "configs/tiny_llava_evqa_ft_l.yaml",
+    "configs/tiny_llava_evqa_liveedit.yaml",
+    "configs/tiny_llava_evqa_serac.yaml",
 )
 
 

@@ -12,7 +12,8 @@ variants (held-out where the data has a companion, ``--variant seen`` for MMEdit
 the tables. ``--out`` writes the tables, the rows and every run's ``metrics.json`` as JSON. Any other argument is a
 dotted override for every run (``--trainer.accelerator cpu``), as ``--set`` is.
 
-MEND's configs need its editor networks first: ``python cli.py fit --config configs/tiny_llava_mend_train.yaml``.
+MEND's and SERAC's configs need their networks (committed; remade by ``python cli.py fit --config
+configs/tiny_llava_mend_train.yaml`` and ``configs/tiny_llava_serac_train.yaml``).
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_table import KEYS, run_horizon
 
 #: the paper's rows, in its order (LoRA-FT is its "naive fine-tuning"; GRACE is not in the paper's table, it sits
-#: with the parameter-preserving IKE): display name, config suffix, editor class
+#: with the parameter-preserving editors): display name, config suffix, editor class
 EDITORS = (
     ("FT-L", "_ft_l", "FTL"),
     ("FT-M", "_ft_m", "FTM"),
     ("LoRA-FT", "_lora_ft", "LoRAFT"),
     ("MEND", "_mend", "MEND"),
-    ("IKE", "_ike", "IKE"),
-    ("GRACE", "_grace", "GRACE"),
     ("AlphaEdit", "_alphaedit", "AlphaEdit"),
+    ("SERAC", "_serac", "SERAC"),
+    ("IKE", "_ike", "IKE"),
+    ("LiveEdit", "_liveedit", "LiveEdit"),
+    ("GRACE", "_grace", "GRACE"),
     ("M-ORE", "", "MORE"),
 )
 TASKS = (("evqa", "E-VQA"), ("eic", "E-IC"))

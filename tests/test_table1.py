@@ -16,9 +16,9 @@ def _table1():
 
 def test_default_rows_are_the_papers_editors_on_both_tasks():
     table1 = _table1()
-    names = ["FT-L", "FT-M", "LoRA-FT", "MEND", "IKE", "GRACE", "AlphaEdit", "M-ORE"]
+    names = ["FT-L", "FT-M", "LoRA-FT", "MEND", "AlphaEdit", "SERAC", "IKE", "LiveEdit", "GRACE", "M-ORE"]
     assert [name for name, _, _ in table1.EDITORS] == names
-    assert len(table1.DEFAULT_CONFIGS) == 16 and all((ROOT / c).is_file() for c in table1.DEFAULT_CONFIGS)
+    assert len(table1.DEFAULT_CONFIGS) == 20 and all((ROOT / c).is_file() for c in table1.DEFAULT_CONFIGS)
 
 
 def test_two_editors_two_edits(tiny_llava_dir, tmp_path, capsys):
