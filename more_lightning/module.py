@@ -590,6 +590,8 @@ class OnlineEditModule(LightningModule):
         return loss.detach(), editor_seconds
 
     def _backward(self, loss: Tensor) -> None:
+        if not loss.requires_grad:  # a memory editor whose trained entry no query of this edit reached: nothing to
+            return  # train this step, and the editor's step sees no gradient
         if self._trainer is None:  # no trainer to hand it to: applied by the live edit service
             loss.backward()
         else:

@@ -16,9 +16,10 @@ is in no ball passes through the layer untouched: locality by construction.
 
 Per edit (label y = the new answer's text, key k of the edit query, nearest entry j at distance d):
   * codebook empty, or d > ε_j + ε_init: a new entry (k, v, ε_init, y);
-  * d ≤ ε_j + ε_init and y_j = y: expand, ε_j ← max(ε_j, d), and entry j is the one trained;
+  * d ≤ ε_j + ε_init and y_j = y: expand, ε_j ← max(ε_j, d + τ), and entry j is the one trained (τ = 10⁻⁴ ‖k‖:
+    the same query batched with others reaches the layer a few ulps away, and must still fall in the ball);
   * d ≤ ε_j + ε_init and y_j ≠ y: split, ε_j ← d / 2 and a new entry (k, v, d / 2, y) (d = 0: entry j is
-    overwritten with the new label — the same key cannot answer two ways).
+    overwritten with the new label — the same key cannot answer two ways; keys within τ count as the same).
 The trained entry's value starts at the layer's own output at the key (a new entry: the model's answer is
 unchanged before the first step) and takes ``steps_per_edit`` Adam steps on the module's composite edit loss
 (only the queries inside its ball have a gradient); its Adam state is reset per edit.
@@ -62,6 +63,16 @@ def key_positions(inputs: ModelInputs) -> Tensor:
     last = inputs.attention_mask.long().sum(dim=1) - 1  # (B,) right-padded rows
     first = supervised.long().argmax(dim=1) - 1  # (B,)
     return torch.where(supervised.any(dim=1), first, last)
+
+
+#: keys closer than this fraction of the key's norm count as one key (the same query, batched or padded differently)
+SAME_KEY = 1e-4
+
+
+def distances(keys: Tensor, book: Tensor) -> Tensor:
+    """Euclidean distances (B, N) of ``keys`` (B, d) to the codebook's keys (N, d), computed directly: the
+    matrix-product shortcut ``cdist`` takes for more than 25 rows is off by rounding at distance 0 and at a radius."""
+    return torch.cdist(keys, book, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 class GRACEOptimizer(torch.optim.Optimizer):
@@ -206,7 +217,7 @@ class GRACE(Editor):
         book = self.codebook()
         if not book:
             return None
-        dist = torch.cdist(keys, book["keys"])  # (B, N)
+        dist = distances(keys, book["keys"])  # (B, N)
         nearest, index = dist.min(dim=1)  # (B,)
         hit = nearest <= book["eps"][index]  # (B,)
         if not bool(hit.any()):
@@ -250,14 +261,15 @@ class GRACE(Editor):
             keys, values, eps = (book[k].clone() for k in CODEBOOK)
         new = True
         if labels:
-            dist = torch.linalg.vector_norm(keys - key, dim=1)  # (N,)
+            dist = distances(key[None], keys)[0]  # (N,)
             d, j = (float(v) for v in dist.min(dim=0))
             j = int(j)
+            tol = SAME_KEY * max(float(key.norm()), 1.0)  # this close: the same key, seen through float noise
             if d <= float(eps[j]) + self.epsilon:
-                if labels[j] == label:  # expand entry j to cover the new key
-                    eps[j] = max(float(eps[j]), d)
+                if labels[j] == label:  # expand entry j to cover the new key (with the tolerance: a batched
+                    eps[j] = max(float(eps[j]), d + tol)  # forward may see the key a few ulps farther away)
                     new, self.active = False, j
-                elif d == 0.0:  # the very same key: the newer edit overwrites the entry
+                elif d <= tol:  # the very same key: the newer edit overwrites the entry
                     labels[j], values[j] = label, raw
                     new, self.active = False, j
                 else:  # split: both balls shrink to half the distance

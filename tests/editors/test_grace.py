@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from more_lightning.editors.grace import GRACE, key_positions
+from more_lightning.editors.grace import GRACE, distances, key_positions
 from more_lightning.editors.state import edit_state_dict, load_edit_state, save_edit_state
 from tests.conftest import MMEDIT
 from tests.stream_helpers import stopped_and_resumed_equals_whole
@@ -87,3 +87,27 @@ def test_single_edits_start_every_edit_from_an_empty_codebook(tiny_llava_dir, mo
 def test_a_stopped_stream_resumes_to_the_whole_result(tiny_llava_dir, tmp_path):
     editor = "{lr: 1.0, steps_per_edit: 2, epsilon: 5.0}"
     stopped_and_resumed_equals_whole(tmp_path, tiny_llava_dir, MMEDIT, "more_lightning.editors.grace.GRACE", editor)
+
+
+def test_an_expanded_ball_holds_its_key_as_a_batched_forward_sees_it(tiny_llava_dir, monkeypatch):
+    module, _ = _manual_module(tiny_llava_dir, GRACE(lr=1.0, steps_per_edit=1, epsilon=1.0), monkeypatch)
+    batch, editor = _stream().stream[0], module.editor
+    module.training_step(batch, 0)
+    key = editor.key_of(module, module.encode(batch)["edit"])[0]
+    book = editor.optimizer.book
+    offset = torch.zeros_like(key)
+    offset[0] = 0.75  # entry 0 now sits 0.75 from the edit's key, with radius 0.5 < 0.75 <= 0.5 + ε_init
+    book["keys"], book["eps"] = book["keys"] + offset, torch.tensor([0.5])
+    before = book["values"].clone()
+    module.training_step(batch, 1)  # the same label: expand entry 0 to the key, plus the tolerance
+    d = float(torch.linalg.vector_norm(key + offset - key))
+    assert float(editor.codebook()["eps"][0]) >= d + 1e-4 * float(key.norm())
+    assert not torch.equal(editor.codebook()["values"], before)  # the batched edit query reached the entry
+
+
+def test_distances_are_exact_beyond_25_rows():
+    torch.manual_seed(0)
+    book = torch.randn(40, 64) * 30
+    keys = book[[3, 17, 39]].clone()
+    torch.testing.assert_close(distances(keys, book)[[0, 1, 2], [3, 17, 39]], torch.zeros(3), rtol=0, atol=0)
+    torch.testing.assert_close(distances(keys, book), torch.linalg.vector_norm(keys[:, None] - book[None], dim=-1))
