@@ -97,6 +97,19 @@ for _task in ("evqa", "eic"):
         f"{E}.lr_scale=0.25,0.5,1,2",
         f"{E}.steps_per_edit=1,3",
     ]
+# FT-M on E-VQA, round 2: round 1's best was its smallest lr with one step; smaller steps, and the projector's
+# second layer alone against the whole projector.
+GRIDS[("evqa", "ft_m", 2)] = [
+    f"{E}.lr=0.0005,0.001,0.002,0.003",
+    f"{E}.steps_per_edit=1,2",
+    f"{E}.modules=[model.multi_modal_projector],[model.multi_modal_projector.linear_2]",
+]
+# MEND on E-VQA, round 2: round 1 wrote best at its smallest lr_scale with one step; smaller scales and two steps.
+GRIDS[("evqa", "mend", 2)] = [
+    f"{E}.networks={MEND_NETWORKS}",
+    f"{E}.lr_scale=0.1,0.15,0.2,0.3",
+    f"{E}.steps_per_edit=1,2",
+]
 GRIDS[("evqa", "ft_l", 2)] = [f"{E}.lr=0.05,0.1,0.2,0.3", f"{E}.steps_per_edit=2,3", f"{E}.layer=-1,-2"]
 
 
