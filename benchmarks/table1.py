@@ -1,6 +1,7 @@
 """The paper's Table 1 on the embedded world: every editor on both tasks, T = 1 and T = 100, one engine.
 
     python benchmarks/table1.py [--split eval] [--horizons 1 100] [--configs ...] [--out table1.json]
+    python benchmarks/table1.py --merge evqa.json eic.json [--out table1.json]   # one table from earlier runs
 
 Rows are editors with their horizon as in the paper (``FT-L_1`` ... ``M-ORE_100``), columns Rel / T-Gen / M-Gen /
 T-Loc / M-Loc / Avg per task (E-VQA, then E-IC), then seconds per edit and the editor's state bytes at the end of
@@ -89,10 +90,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", choices=("headline", "seen", "held_out"), default="headline")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run (or give them after all)")
     parser.add_argument("--out", help="also write the tables and every run's metrics here (JSON)")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="FILE", help="run nothing: one table from the rows of earlier --out files"
+    )
     args, overrides = parser.parse_known_args(argv)  # unknown arguments: dotted CLI overrides for every run
     args.set = [*args.set, *overrides]
     rows = []
-    for config in args.configs:
+    for path in args.merge or []:
+        earlier = json.loads(Path(path).read_text())
+        if earlier.get("split") != args.split:
+            raise SystemExit(f"{path}: its runs are on the {earlier.get('split')} split, not --split {args.split}")
+        rows += earlier["rows"]
+    for config in [] if args.merge else args.configs:
         for horizon in args.horizons:
             metrics, command = run_horizon(config, horizon, args.split, args.single_edits, args.set)
             rows.append(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import MMEDIT, benchmark_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,3 +48,19 @@ def test_two_editors_two_edits(tiny_llava_dir, tmp_path, capsys):
     assert rows[("FTL", 1)]["protocol"] == "single" and rows[("FTM", 2)]["num_edits"] == 2
     assert "\n".join(immediate) in printed and "\n".join(result["tables"]["retention"]) in printed
     assert json.loads(out.read_text())["tables"] == result["tables"]
+
+
+def test_merge_renders_one_table_from_earlier_runs(tmp_path, capsys):
+    table1 = _table1()
+    scores = {"rel": 90.0, "t_gen": 80.0, "m_gen": 70.0, "t_loc": 100.0, "m_loc": 60.0, "avg": 80.0}
+    metrics = {"headline": "seen", "immediate": scores, "retention": scores, "seconds_per_edit": 0.5, "state_bytes": 7}
+    for name, task, editor in (("a.json", "evqa", "FTL"), ("b.json", "eic", "MORE")):
+        row = {"config": "c", "command": "x", "horizon": 100, "editor": editor, "task": task, "metrics": metrics}
+        (tmp_path / name).write_text(json.dumps({"split": "eval", "rows": [row]}))
+    result = table1.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    lines = result["tables"]["retention"][2:]
+    assert [line.split(" | ")[0] for line in lines] == ["| FT-L_100", "| M-ORE_100"]
+    assert lines[0].split(" | ")[1:7] == ["90.00", "80.00", "70.00", "100.00", "60.00", "80.00"]
+    assert lines[0].split(" | ")[7:13] == ["-"] * 6 and lines[1].split(" | ")[7] == "90.00"
+    with pytest.raises(SystemExit, match="eval split"):
+        table1.main(["--merge", str(tmp_path / "a.json"), "--split", "train"])
