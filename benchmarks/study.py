@@ -42,6 +42,9 @@ CONFIGS = {
     "alphaedit": "configs/tiny_llava_{task}_alphaedit.yaml",
     "ft_m": "configs/tiny_llava_{task}_ft_m.yaml",
     "mend": "configs/tiny_llava_{task}_mend.yaml",
+    "grace": "configs/tiny_llava_{task}_grace.yaml",
+    "liveedit": "configs/tiny_llava_{task}_liveedit.yaml",
+    "serac": "configs/tiny_llava_{task}_serac.yaml",
 }
 
 #: (task, editor, round) -> grid items (``key=v1,v2``; 16 runs each). Round 1 is the same grid on both tasks.
@@ -110,6 +113,16 @@ GRIDS[("evqa", "mend", 2)] = [
     f"{E}.lr_scale=0.1,0.15,0.2,0.3",
     f"{E}.steps_per_edit=1,2",
 ]
+# The parameter-preserving editors, round 1 on both tasks: GRACE and LiveEdit 16 runs each; SERAC has one
+# stream-time knob (its capacity is its training run's), so 4.
+for _task in ("evqa", "eic"):
+    GRIDS[(_task, "grace", 1)] = [f"{E}.epsilon=0.5,1,2,4", f"{E}.steps_per_edit=5,10", f"{E}.lr=0.3,1.0"]
+    GRIDS[(_task, "liveedit", 1)] = [
+        f"{E}.visual_threshold=0.95,0.98,0.99,0.995",
+        f"{E}.text_threshold=0.8,0.9",
+        f"{E}.lr=0.05,0.1",
+    ]
+    GRIDS[(_task, "serac", 1)] = [f"{E}.threshold=0.3,0.5,0.7,0.9"]
 GRIDS[("evqa", "ft_l", 2)] = [f"{E}.lr=0.05,0.1,0.2,0.3", f"{E}.steps_per_edit=2,3", f"{E}.layer=-1,-2"]
 
 
