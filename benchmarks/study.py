@@ -123,6 +123,21 @@ for _task in ("evqa", "eic"):
         f"{E}.lr=0.05,0.1",
     ]
     GRIDS[(_task, "serac", 1)] = [f"{E}.threshold=0.3,0.5,0.7,0.9"]
+# E-VQA round 2 of GRACE (round 1's best ε was its largest) and LiveEdit (round 1's choice held fixed).
+GRIDS[("evqa", "grace", 2)] = [
+    f"{E}.epsilon=3,4,6,8",
+    f"{E}.steps_per_edit=10,20",
+    f"{E}.replace=after,last",
+    f"{E}.lr=1.0",
+]
+GRIDS[("evqa", "liveedit", 2)] = [
+    f"{E}.rank=2,4,8,16",
+    f"{E}.steps_per_edit=3,5",
+    f"{E}.temperature=0.05,0.1",
+    f"{E}.visual_threshold=0.98",
+    f"{E}.text_threshold=0.8",
+    f"{E}.lr=0.05",
+]
 GRIDS[("evqa", "ft_l", 2)] = [f"{E}.lr=0.05,0.1,0.2,0.3", f"{E}.steps_per_edit=2,3", f"{E}.layer=-1,-2"]
 
 

@@ -44,7 +44,13 @@ from torch import Tensor, nn
 
 from more_lightning.contract import EditPoint
 from more_lightning.editors.base import Editor
-from more_lightning.editors.state import keep_stats_dtype, texts_from_tensors, texts_to_tensors
+from more_lightning.editors.state import (
+    adam_update,
+    keep_stats_dtype,
+    reset_adam,
+    texts_from_tensors,
+    texts_to_tensors,
+)
 
 if TYPE_CHECKING:
     from more_lightning.backbones.base import ModelInputs
@@ -96,23 +102,12 @@ class GRACEOptimizer(torch.optim.Optimizer):
         """One Adam step on the value (Kingma & Ba, bias-corrected); no gradient: no step."""
         group = self.param_groups[0]
         value = group["params"][0]
-        if value.grad is None:
-            return None
-        state, (b1, b2) = self.book, group["betas"]
-        if "exp_avg" not in state:
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(value), torch.zeros_like(value)
-            state["step"] = torch.zeros((), dtype=torch.int64)
-        state["step"] += 1
-        t = int(state["step"])
-        state["exp_avg"].mul_(b1).add_(value.grad, alpha=1 - b1)
-        state["exp_avg_sq"].mul_(b2).addcmul_(value.grad, value.grad, value=1 - b2)
-        denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
-        value.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1**t))
+        if value.grad is not None:
+            adam_update(value, self.book, group["lr"], group["betas"], group["eps"])
         return None
 
     def reset_moments(self) -> None:
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            self.book.pop(name, None)
+        reset_adam(self.book)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but the label bytes and offsets stay integers (torch casts them to the value's dtype)."""

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from more_lightning.contract import EditPoint
 from more_lightning.editors.base import Editor
 from more_lightning.editors.grace import key_positions
-from more_lightning.editors.state import keep_stats_dtype
+from more_lightning.editors.state import adam_update, keep_stats_dtype, reset_adam
 
 if TYPE_CHECKING:
     from more_lightning.backbones.base import ModelInputs
@@ -137,26 +137,14 @@ class LiveEditOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """One Adam step (Kingma & Ba, bias-corrected) on each parameter with a gradient."""
         group = self.param_groups[0]
-        b1, b2 = group["betas"]
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                state["step"] = torch.zeros((), dtype=torch.int64)
-            state["step"] += 1
-            t = int(state["step"])
-            state["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
-            state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
-            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1**t))
+            if p.grad is not None:
+                adam_update(p, self.state[p], group["lr"], group["betas"], group["eps"])
         return None
 
     def reset_moments(self) -> None:
         for p in self.param_groups[0]["params"]:
-            for name in ("exp_avg", "exp_avg_sq", "step"):
-                self.state[p].pop(name, None)
+            reset_adam(self.state[p])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but the ``with_image`` flags stay boolean (torch casts state to the parameter's dtype)."""

@@ -60,7 +60,34 @@ def added_deltas(modules: dict[str, nn.Linear], deltas: dict[str, Tensor]) -> It
             handle.remove()
 
 
-class MENDTrainModule(LightningModule):
+class NetworksTrainModule(LightningModule):
+    """What the training runs of an editor's networks share (MEND's, SERAC's): the networks file written every
+    ``save_every`` steps and at the end, atomically, with the backbone and step count in its metadata.
+
+    Subclasses set ``networks`` (with a ``save(path, metadata)``), ``backbone``, ``out_file``, ``save_every`` and
+    ``networks_name`` (for the log line).
+    """
+
+    networks_name = "editor"
+
+    @override
+    def on_train_batch_end(self, outputs, batch: EditTuple, batch_idx: int) -> None:
+        if self.save_every and (self.global_step % self.save_every == 0):
+            self.save_networks()
+
+    @override
+    def on_train_end(self) -> None:
+        self.save_networks()
+
+    def save_networks(self) -> Path:
+        path = Path(self.out_file)
+        metadata = {"backbone": f"{type(self.backbone).__name__}:{self.backbone.path}", "steps": str(self.global_step)}
+        self.networks.save(path, metadata)
+        log.info("%s networks after %d steps written to %s", self.networks_name, self.global_step, path)
+        return path
+
+
+class MENDTrainModule(NetworksTrainModule):
     """Meta-trains :class:`~more_lightning.editors.mend.MENDNetworks` for a backbone's text edit points.
 
     Args:
@@ -82,6 +109,8 @@ class MENDTrainModule(LightningModule):
         seed: seeds the networks.
         num_threads: torch CPU threads (``None``: leave torch's setting).
     """
+
+    networks_name = "MEND"
 
     def __init__(
         self,
@@ -184,22 +213,6 @@ class MENDTrainModule(LightningModule):
             batch_size=1,
         )
         return loss
-
-    @override
-    def on_train_batch_end(self, outputs, batch: EditTuple, batch_idx: int) -> None:
-        if self.save_every and (self.global_step % self.save_every == 0):
-            self.save_networks()
-
-    @override
-    def on_train_end(self) -> None:
-        self.save_networks()
-
-    def save_networks(self) -> Path:
-        path = Path(self.out_file)
-        metadata = {"backbone": f"{type(self.backbone).__name__}:{self.backbone.path}", "steps": str(self.global_step)}
-        self.networks.save(path, metadata)
-        log.info("MEND networks after %d steps written to %s", self.global_step, path)
-        return path
 
 
 def _as_is(item: EditTuple) -> EditTuple:

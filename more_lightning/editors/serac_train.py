@@ -23,18 +23,16 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torch import Tensor
 from typing_extensions import override
 
 from more_lightning.backbones.base import Backbone, ModelInputs
 from more_lightning.contract import shift_for_loss
 from more_lightning.data.records import EditTuple, Query
-from more_lightning.editors.mend_train import MENDTrainDataModule
+from more_lightning.editors.mend_train import MENDTrainDataModule, NetworksTrainModule
 from more_lightning.editors.serac import CounterfactualHooks, SERACNetworks
 from more_lightning.metrics.accuracy import token_accuracy
 
@@ -67,7 +65,7 @@ def pairs(records: int) -> Tensor:
     return (same & kind).reshape(records, records * len(KINDS))
 
 
-class SERACTrainModule(LightningModule):
+class SERACTrainModule(NetworksTrainModule):
     """Trains :class:`~more_lightning.editors.serac.SERACNetworks` for a backbone.
 
     Args:
@@ -90,6 +88,8 @@ class SERACTrainModule(LightningModule):
         seed: seeds the networks.
         num_threads: torch CPU threads (``None``: leave torch's setting).
     """
+
+    networks_name = "SERAC"
 
     def __init__(
         self,
@@ -218,22 +218,6 @@ class SERACTrainModule(LightningModule):
             batch_size=1,
         )
         return loss
-
-    @override
-    def on_train_batch_end(self, outputs, batch: EditTuple, batch_idx: int) -> None:
-        if self.save_every and (self.global_step % self.save_every == 0):
-            self.save_networks()
-
-    @override
-    def on_train_end(self) -> None:
-        self.save_networks()
-
-    def save_networks(self) -> Path:
-        path = Path(self.out_file)
-        metadata = {"backbone": f"{type(self.backbone).__name__}:{self.backbone.path}", "steps": str(self.global_step)}
-        self.networks.save(path, metadata)
-        log.info("SERAC networks after %d steps written to %s", self.global_step, path)
-        return path
 
 
 class SERACTrainDataModule(MENDTrainDataModule):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 
 def edit_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -166,3 +166,32 @@ def texts_from_tensors(data: torch.Tensor, ends: torch.Tensor) -> list[str]:
     raw = bytes(data.to(torch.uint8).cpu().tolist())
     bounds = [0, *ends.long().cpu().tolist()]
     return [raw[a:b].decode("utf-8") for a, b in itertools.pairwise(bounds)]
+
+
+#: the keys :func:`adam_update` keeps in a parameter's optimizer state
+ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+@torch.no_grad()
+def adam_update(param: Tensor, state: dict, lr: float, betas: tuple[float, float], eps: float) -> None:
+    """One bias-corrected Adam step (Kingma & Ba) of ``param`` from its ``.grad``, moments kept in ``state``.
+
+    For the memory editors whose optimizer state also holds their memory (GRACE's codebook, LiveEdit's experts):
+    the moments sit beside it under :data:`ADAM_KEYS` and are dropped per edit with :func:`reset_adam`.
+    """
+    b1, b2 = betas
+    if "exp_avg" not in state:
+        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(param), torch.zeros_like(param)
+        state["step"] = torch.zeros((), dtype=torch.int64)
+    state["step"] += 1
+    t = int(state["step"])
+    state["exp_avg"].mul_(b1).add_(param.grad, alpha=1 - b1)
+    state["exp_avg_sq"].mul_(b2).addcmul_(param.grad, param.grad, value=1 - b2)
+    denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(eps)
+    param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
+
+
+def reset_adam(state: dict) -> None:
+    """Drop the Adam moments :func:`adam_update` left in ``state`` (the editor's memory stays)."""
+    for name in ADAM_KEYS:
+        state.pop(name, None)
