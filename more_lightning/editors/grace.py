@@ -44,10 +44,8 @@ from torch import Tensor, nn
 
 from more_lightning.contract import EditPoint
 from more_lightning.editors.base import Editor
+from more_lightning.editors.memory import MemoryAdam
 from more_lightning.editors.state import (
-    adam_update,
-    keep_stats_dtype,
-    reset_adam,
     texts_from_tensors,
     texts_to_tensors,
 )
@@ -79,40 +77,6 @@ def distances(keys: Tensor, book: Tensor) -> Tensor:
     """Euclidean distances (B, N) of ``keys`` (B, d) to the codebook's keys (N, d), computed directly: the
     matrix-product shortcut ``cdist`` takes for more than 25 rows is off by rounding at distance 0 and at a radius."""
     return torch.cdist(keys, book, compute_mode="donot_use_mm_for_euclid_dist")
-
-
-class GRACEOptimizer(torch.optim.Optimizer):
-    """Adam on the one value vector being trained; its ``state`` also holds the codebook.
-
-    Args:
-        value: (d_out,) float32 parameter: the trained entry's value during an edit.
-        lr: Adam learning rate.
-        betas: Adam's moment decays.
-    """
-
-    def __init__(self, value: nn.Parameter, lr: float = 0.1, betas: tuple[float, float] = (0.9, 0.999)) -> None:
-        super().__init__([value], {"lr": lr, "betas": betas, "eps": 1e-8})
-
-    @property
-    def book(self) -> dict:
-        return self.state[self.param_groups[0]["params"][0]]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One Adam step on the value (Kingma & Ba, bias-corrected); no gradient: no step."""
-        group = self.param_groups[0]
-        value = group["params"][0]
-        if value.grad is not None:
-            adam_update(value, self.book, group["lr"], group["betas"], group["eps"])
-        return None
-
-    def reset_moments(self) -> None:
-        reset_adam(self.book)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but the label bytes and offsets stay integers (torch casts them to the value's dtype)."""
-        super().load_state_dict(state_dict)
-        keep_stats_dtype(self, state_dict, CODEBOOK, torch.float32)
 
 
 class GRACE(Editor):
@@ -147,7 +111,7 @@ class GRACE(Editor):
         self.replace = replace
         self.path = ""
         self.value: nn.Parameter | None = None
-        self.optimizer: GRACEOptimizer | None = None
+        self.optimizer: MemoryAdam | None = None
         self.active = -1  # the entry trained during an edit (-1: none)
         self._where: tuple[Tensor, int, int] | None = None  # key positions (B,), B, T of the current forward
         self._capture: tuple[Tensor, Tensor] | None = None  # (key, raw output) of the last forward, when asked
@@ -171,21 +135,21 @@ class GRACE(Editor):
     def configure_optimizer(self) -> torch.optim.Optimizer:
         if self.value is None:
             raise RuntimeError("attach() the editor to a model before configure_optimizer()")
-        self.optimizer = GRACEOptimizer(self.value, lr=self.lr)
+        self.optimizer = MemoryAdam([self.value], CODEBOOK, lr=self.lr)
         return self.optimizer
 
     # --- the codebook ----------------------------------------------------------------------------
     def codebook(self) -> dict[str, Tensor]:
         """``keys`` (N, d_in), ``values`` (N, d_out), ``eps`` (N,) float32; empty before the first edit."""
-        book = self.optimizer.book if self.optimizer is not None else {}
+        book = self.optimizer.memory if self.optimizer is not None else {}
         return {k: book[k] for k in CODEBOOK} if "keys" in book else {}
 
     def labels(self) -> list[str]:
-        book = self.optimizer.book
+        book = self.optimizer.memory
         return texts_from_tensors(book["label_bytes"], book["label_ends"]) if "label_bytes" in book else []
 
     def _store(self, keys: Tensor, values: Tensor, eps: Tensor, labels: list[str]) -> None:
-        book = self.optimizer.book
+        book = self.optimizer.memory
         book.update(keys=keys, values=values, eps=eps)
         book["label_bytes"], book["label_ends"] = texts_to_tensors(labels)
 
@@ -282,7 +246,7 @@ class GRACE(Editor):
         self.optimizer.reset_moments()
 
     def end_edit(self, optimizer: torch.optim.Optimizer) -> None:
-        book = self.optimizer.book
+        book = self.optimizer.memory
         values = book["values"].clone()
         values[self.active] = self.value.detach()
         book["values"] = values

@@ -22,41 +22,19 @@ State: the memory is tensors in the optimizer's ``state`` (prompts and answers a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from more_lightning.contract import EditPoint
-from more_lightning.editors.base import Editor
-from more_lightning.editors.state import keep_stats_dtype, texts_from_tensors, texts_to_tensors
+from more_lightning.editors.memory import MemoryEditor
 
 if TYPE_CHECKING:
     from more_lightning.backbones.base import ModelInputs
     from more_lightning.contract import EditEngine
     from more_lightning.data.records import Query
-
-
-class MemoryOptimizer(torch.optim.Optimizer):
-    """An optimizer that writes nothing: the protocol's place for a memory editor's state (on a zero-size anchor)."""
-
-    def __init__(self, anchor: nn.Parameter) -> None:
-        super().__init__([anchor], {})
-
-    @property
-    def memory(self) -> dict:
-        return self.state[self.param_groups[0]["params"][0]]
-
-    def step(self, closure=None):
-        return None
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but the text bytes and offsets stay integers."""
-        super().load_state_dict(state_dict)
-        keep_stats_dtype(self, state_dict, ("embeddings",), torch.float32)
 
 
 def retrieve(memory: Tensor, query: Tensor, k: int) -> list[int]:
@@ -67,7 +45,7 @@ def retrieve(memory: Tensor, query: Tensor, k: int) -> list[int]:
     return top.flip(0).tolist()
 
 
-class IKE(Editor):
+class IKE(MemoryEditor):
     """In-context editing from a memory of the stream's edits.
 
     Args:
@@ -75,37 +53,12 @@ class IKE(Editor):
         demo_template: one demonstration; ``{prompt}`` and ``{target}`` are an edit's prompt and new answer.
     """
 
-    steps_per_edit = 0
-
     def __init__(self, k: int = 4, demo_template: str = "New Fact: {prompt} {target}\n") -> None:
         if k < 1:
             raise ValueError(f"IKE: k must be >= 1, got {k}")
         if "{prompt}" not in demo_template or "{target}" not in demo_template:
             raise ValueError(f"IKE: demo_template must hold {{prompt}} and {{target}}, got {demo_template!r}")
         self.k, self.demo_template = k, demo_template
-        self.anchor: nn.Parameter | None = None
-        self.optimizer: MemoryOptimizer | None = None
-
-    def attach(self, model: nn.Module, edit_points: Sequence[EditPoint]) -> None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.anchor = nn.Parameter(torch.zeros(0, device=next(model.parameters()).device))
-
-    def configure_optimizer(self) -> torch.optim.Optimizer:
-        if self.anchor is None:
-            raise RuntimeError("attach() the editor to a model before configure_optimizer()")
-        self.optimizer = MemoryOptimizer(self.anchor)
-        return self.optimizer
-
-    # --- the memory ------------------------------------------------------------------------------
-    def entries(self) -> list[tuple[str, str]]:
-        """(prompt, new answer) of every edit in the memory, oldest first."""
-        memory = self.optimizer.memory if self.optimizer is not None else {}
-        if "prompt_bytes" not in memory:
-            return []
-        prompts = texts_from_tensors(memory["prompt_bytes"], memory["prompt_ends"])
-        targets = texts_from_tensors(memory["target_bytes"], memory["target_ends"])
-        return list(zip(prompts, targets, strict=True))
 
     @torch.no_grad()
     def embed(self, text: str, engine: EditEngine) -> Tensor:
@@ -124,12 +77,7 @@ class IKE(Editor):
         inputs: dict[str, ModelInputs],
     ) -> None:
         edit = queries["edit"]
-        entries = [*self.entries(), (edit.prompt, edit.target)]
-        memory = self.optimizer.memory
-        row = self.embed(edit.prompt, engine)[None]  # (1, d)
-        memory["embeddings"] = torch.cat([memory["embeddings"], row]) if "embeddings" in memory else row  # (N, d)
-        memory["prompt_bytes"], memory["prompt_ends"] = texts_to_tensors([p for p, _ in entries])
-        memory["target_bytes"], memory["target_ends"] = texts_to_tensors([t for _, t in entries])
+        self.optimizer.append(edit.prompt, edit.target, self.embed(edit.prompt, engine))
 
     def demonstrations(self, prompt: str, engine: EditEngine) -> list[tuple[str, str]]:
         """The memory entries shown before ``prompt``, in the order they are shown."""

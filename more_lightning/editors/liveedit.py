@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from more_lightning.contract import EditPoint
 from more_lightning.editors.base import Editor
 from more_lightning.editors.grace import key_positions
-from more_lightning.editors.state import adam_update, keep_stats_dtype, reset_adam
+from more_lightning.editors.memory import MemoryAdam
 
 if TYPE_CHECKING:
     from more_lightning.backbones.base import ModelInputs
@@ -112,44 +112,6 @@ def mixture_delta(x: Tensor, lora_A: Tensor, lora_B: Tensor, gates: Tensor) -> T
     """Σ g_i x A_iᵀ B_iᵀ (B, T, d_out); x (B, T, d_in), lora_A (N, r, d_in), lora_B (N, d_out, r), gates (B, N)."""
     low = torch.einsum("btd,nrd->btnr", x, lora_A)  # (B, T, N, r)
     return torch.einsum("btnr,nor,bn->bto", low, lora_B, gates)  # (B, T, d_out)
-
-
-class LiveEditOptimizer(torch.optim.Optimizer):
-    """Adam on the expert being trained (A, B); the state of A also holds the expert memory.
-
-    Args:
-        lora_A: (r, d_in) float32 parameter of the new expert during an edit.
-        lora_B: (d_out, r) float32 parameter of the new expert during an edit.
-        lr: Adam learning rate.
-        betas: Adam's moment decays.
-    """
-
-    def __init__(
-        self, lora_A: nn.Parameter, lora_B: nn.Parameter, lr: float = 0.05, betas: tuple[float, float] = (0.9, 0.999)
-    ) -> None:
-        super().__init__([lora_A, lora_B], {"lr": lr, "betas": betas, "eps": 1e-8})
-
-    @property
-    def memory(self) -> dict:
-        return self.state[self.param_groups[0]["params"][0]]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One Adam step (Kingma & Ba, bias-corrected) on each parameter with a gradient."""
-        group = self.param_groups[0]
-        for p in group["params"]:
-            if p.grad is not None:
-                adam_update(p, self.state[p], group["lr"], group["betas"], group["eps"])
-        return None
-
-    def reset_moments(self) -> None:
-        for p in self.param_groups[0]["params"]:
-            reset_adam(self.state[p])
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but the ``with_image`` flags stay boolean (torch casts state to the parameter's dtype)."""
-        super().load_state_dict(state_dict)
-        keep_stats_dtype(self, state_dict, MEMORY, torch.float32)
 
 
 class LiveEdit(Editor):
@@ -198,7 +160,7 @@ class LiveEdit(Editor):
         self.path = ""
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
-        self.optimizer: LiveEditOptimizer | None = None
+        self.optimizer: MemoryAdam | None = None
         self.active = -1  # the expert trained during an edit (-1: none)
         self._inputs: ModelInputs | None = None  # the current forward's inputs (set by forward_context)
         self._capture: QueryKeys | None = None  # keys of the last forward, when asked
@@ -229,7 +191,7 @@ class LiveEdit(Editor):
     def configure_optimizer(self) -> torch.optim.Optimizer:
         if self.lora_A is None:
             raise RuntimeError("attach() the editor to a model before configure_optimizer()")
-        self.optimizer = LiveEditOptimizer(self.lora_A, self.lora_B, lr=self.lr)
+        self.optimizer = MemoryAdam([self.lora_A, self.lora_B], MEMORY, lr=self.lr)
         return self.optimizer
 
     # --- the memory ------------------------------------------------------------------------------

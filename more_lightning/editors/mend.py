@@ -34,13 +34,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from more_lightning.contract import EditPoint
 from more_lightning.editors.base import DelegatingEditor
-from more_lightning.editors.state import save_tensors
+from more_lightning.editors.state import networks_file_metadata, save_networks_file
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +240,7 @@ class MENDNetworks(nn.Module):
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
         """Write the networks (and ``metadata``, e.g. what they were trained on) to a safetensors file atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_tensors(tensors, path, {**(metadata or {}), **self.metadata()})
+        save_networks_file(self, path, {**(metadata or {}), **self.metadata()})
 
     @classmethod
     def load(cls, path: str | Path) -> MENDNetworks:
@@ -254,18 +250,7 @@ class MENDNetworks(nn.Module):
             FileNotFoundError: there is no such file (the message says how to make it).
             ValueError: the file is not an editor-network file.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"MEND editor networks {str(path)!r} not found: {META_TRAIN_HINT} (it writes "
-                "model.init_args.out_file), or set --model.init_args.editor.init_args.networks to that file"
-            )
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        if metadata.get("format") != NETWORKS_FORMAT:
-            raise ValueError(
-                f"{path} is not a MEND editor-network file (no {NETWORKS_FORMAT!r} metadata); {META_TRAIN_HINT}"
-            )
+        metadata = networks_file_metadata(path, "MEND editor networks", NETWORKS_FORMAT, META_TRAIN_HINT)
         shapes = {p: tuple(s) for p, s in json.loads(metadata["shapes"]).items()}
         networks = cls(shapes, **json.loads(metadata["settings"]))
         networks.load_state_dict(load_file(path))

@@ -43,14 +43,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from more_lightning.contract import EditPoint
-from more_lightning.editors.base import Editor
-from more_lightning.editors.ike import MemoryOptimizer
-from more_lightning.editors.state import save_tensors, texts_from_tensors, texts_to_tensors
+from more_lightning.editors.memory import MemoryEditor
+from more_lightning.editors.state import networks_file_metadata, save_networks_file
 
 if TYPE_CHECKING:
     from more_lightning.backbones.base import ModelInputs
@@ -202,10 +200,7 @@ class SERACNetworks(nn.Module):
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
         """Write the networks (and ``metadata``, e.g. what they were trained on) to a safetensors file atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_tensors(tensors, path, {**(metadata or {}), **self.metadata()})
+        save_networks_file(self, path, {**(metadata or {}), **self.metadata()})
 
     @classmethod
     def load(cls, path: str | Path) -> SERACNetworks:
@@ -216,15 +211,7 @@ class SERACNetworks(nn.Module):
             ValueError: the file is not a SERAC networks file, or its tensors do not fit its settings.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"SERAC networks {str(path)!r} not found: {TRAIN_HINT} (it writes model.init_args.out_file), or set "
-                "--model.init_args.editor.init_args.networks to that file"
-            )
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        if metadata.get("format") != NETWORKS_FORMAT:
-            raise ValueError(f"{path} is not a SERAC networks file (no {NETWORKS_FORMAT!r} metadata); {TRAIN_HINT}")
+        metadata = networks_file_metadata(path, "SERAC networks", NETWORKS_FORMAT, TRAIN_HINT)
         settings = json.loads(metadata["settings"])
         networks = cls(**settings)
         tensors = load_file(path)
@@ -316,7 +303,7 @@ class _LRU(OrderedDict):
             self.popitem(last=False)
 
 
-class SERAC(Editor):
+class SERAC(MemoryEditor):
     """SERAC with networks trained on the train split (``configs/<backbone>_serac_train.yaml``).
 
     Args:
@@ -327,8 +314,6 @@ class SERAC(Editor):
             on the unedited model, so the cache never goes stale.
     """
 
-    steps_per_edit = 0
-
     def __init__(self, networks: str, threshold: float = 0.5, cache_size: int = 4096) -> None:
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"SERAC: threshold must be in [0, 1), got {threshold}")
@@ -337,8 +322,6 @@ class SERAC(Editor):
         self.networks_file, self.threshold = networks, threshold
         self.networks: SERACNetworks | None = None
         self.hooks: CounterfactualHooks | None = None
-        self.anchor: nn.Parameter | None = None
-        self.optimizer: MemoryOptimizer | None = None
         self._embeddings = _LRU(cache_size)  # (prompt, image digest) -> z (dim,)
         self._routed = _LRU(cache_size)  # token ids of a rewritten prompt -> True
         self._last_scores: list[float] = []
@@ -346,30 +329,11 @@ class SERAC(Editor):
     def attach(self, model: nn.Module, edit_points: Sequence[EditPoint]) -> None:
         networks = SERACNetworks.load(self.networks_file)
         check_fits(model, networks, self.networks_file)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        device = next(model.parameters()).device
-        self.networks = networks.requires_grad_(False).eval().to(device)
+        super().attach(model, edit_points)  # the model frozen, the memory's anchor
+        self.networks = networks.requires_grad_(False).eval().to(self.anchor.device)
         self.hooks = CounterfactualHooks(model, self.networks)
-        self.anchor = nn.Parameter(torch.zeros(0, device=device))
         adapted, source = len(networks.adapters.shapes), self.networks_file
         log.info("SERAC: classifier on %s, adapters on %d modules (%s)", networks.feature_path, adapted, source)
-
-    def configure_optimizer(self) -> torch.optim.Optimizer:
-        if self.anchor is None:
-            raise RuntimeError("attach() the editor to a model before configure_optimizer()")
-        self.optimizer = MemoryOptimizer(self.anchor)
-        return self.optimizer
-
-    # --- the memory ------------------------------------------------------------------------------
-    def entries(self) -> list[tuple[str, str]]:
-        """(prompt, new answer) of every edit in the memory, oldest first."""
-        memory = self.optimizer.memory if self.optimizer is not None else {}
-        if "prompt_bytes" not in memory:
-            return []
-        prompts = texts_from_tensors(memory["prompt_bytes"], memory["prompt_ends"])
-        targets = texts_from_tensors(memory["target_bytes"], memory["target_ends"])
-        return list(zip(prompts, targets, strict=True))
 
     @torch.no_grad()
     def embed(self, query: Query, engine: EditEngine) -> Tensor:
@@ -395,12 +359,7 @@ class SERAC(Editor):
         inputs: dict[str, ModelInputs],
     ) -> None:
         edit = queries["edit"]
-        entries = [*self.entries(), (edit.prompt, edit.target)]
-        memory = self.optimizer.memory
-        row = self.embed(edit, engine)[None]  # (1, dim)
-        memory["embeddings"] = torch.cat([memory["embeddings"], row]) if "embeddings" in memory else row  # (N, dim)
-        memory["prompt_bytes"], memory["prompt_ends"] = texts_to_tensors([p for p, _ in entries])
-        memory["target_bytes"], memory["target_ends"] = texts_to_tensors([t for _, t in entries])
+        self.optimizer.append(edit.prompt, edit.target, self.embed(edit, engine))
 
     @torch.no_grad()
     def scope(self, query: Query, engine: EditEngine) -> tuple[int, float]:

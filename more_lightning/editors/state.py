@@ -168,6 +168,34 @@ def texts_from_tensors(data: torch.Tensor, ends: torch.Tensor) -> list[str]:
     return [raw[a:b].decode("utf-8") for a, b in itertools.pairwise(bounds)]
 
 
+def save_networks_file(module: nn.Module, path: str | Path, metadata: dict[str, str]) -> None:
+    """Write a trained editor network's ``state_dict`` (and ``metadata``) to a safetensors file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, path, metadata)
+
+
+def networks_file_metadata(path: str | Path, what: str, file_format: str, hint: str) -> dict[str, str]:
+    """The metadata of the networks file ``path`` that ``what`` (e.g. "SERAC networks") reads, after checking that it
+    exists and carries ``file_format``; ``hint`` says how to make one.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: the file is not one of these networks files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{what} {str(path)!r} not found: {hint} (it writes model.init_args.out_file), or set "
+            "--model.init_args.editor.init_args.networks to that file"
+        )
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    if metadata.get("format") != file_format:
+        raise ValueError(f"{path} is not a {what} file (no {file_format!r} metadata); {hint}")
+    return metadata
+
+
 #: the keys :func:`adam_update` keeps in a parameter's optimizer state
 ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 

@@ -94,7 +94,7 @@ def test_an_expanded_ball_holds_its_key_as_a_batched_forward_sees_it(tiny_llava_
     batch, editor = _stream().stream[0], module.editor
     module.training_step(batch, 0)
     key = editor.key_of(module, module.encode(batch)["edit"])[0]
-    book = editor.optimizer.book
+    book = editor.optimizer.memory
     offset = torch.zeros_like(key)
     offset[0] = 0.75  # entry 0 now sits 0.75 from the edit's key, with radius 0.5 < 0.75 <= 0.5 + ε_init
     book["keys"], book["eps"] = book["keys"] + offset, torch.tensor([0.5])

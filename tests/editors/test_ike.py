@@ -9,6 +9,7 @@ import torch
 
 from more_lightning.data.records import Query
 from more_lightning.editors.ike import IKE, retrieve
+from more_lightning.editors.memory import MemoryOptimizer
 from more_lightning.editors.state import (
     edit_state_dict,
     load_edit_state,
@@ -94,3 +95,18 @@ def test_single_edits_start_every_edit_from_an_empty_memory(tiny_llava_dir, monk
 def test_a_stopped_stream_resumes_to_the_whole_result(tiny_llava_dir, tmp_path):
     editor = '{k: 2, demo_template: "{prompt} {target} . "}'
     stopped_and_resumed_equals_whole(tmp_path, tiny_llava_dir, MMEDIT, "more_lightning.editors.ike.IKE", editor)
+
+
+def test_memory_texts_follow_every_write_of_the_state():
+
+    optimizer = MemoryOptimizer(torch.nn.Parameter(torch.zeros(0)))
+    assert optimizer.entries() == []
+    optimizer.append("q1", "a1", torch.ones(3))
+    optimizer.append("q2", "a2", torch.zeros(3))
+    assert optimizer.entries() == [("q1", "a1"), ("q2", "a2")]
+    saved = {k: v.clone() for k, v in optimizer.memory.items()}
+    optimizer.append("q3", "a3", torch.ones(3))
+    optimizer.memory.update(saved)  # a reload in place (the live service, single edits): the older texts again
+    assert optimizer.entries() == [("q1", "a1"), ("q2", "a2")]
+    optimizer.state.clear()
+    assert optimizer.entries() == []
