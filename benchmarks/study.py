@@ -45,6 +45,7 @@ CONFIGS = {
     "grace": "configs/tiny_llava_{task}_grace.yaml",
     "liveedit": "configs/tiny_llava_{task}_liveedit.yaml",
     "serac": "configs/tiny_llava_{task}_serac.yaml",
+    "ike": "configs/tiny_llava_{task}_ike.yaml",
 }
 
 #: (task, editor, round) -> grid items (``key=v1,v2``; 16 runs each). Round 1 is the same grid on both tasks.
@@ -138,11 +139,24 @@ GRIDS[("evqa", "liveedit", 2)] = [
     f"{E}.text_threshold=0.8",
     f"{E}.lr=0.05",
 ]
+# IKE, round 1 on both tasks: demonstrations per query times four ways of writing one; the last writes each as an
+# earlier turn of the conversation ("... ASSISTANT: answer</s>USER: ..."), the format the tiny model's stage-3
+# pretraining saw (three questions about one image as turns).
+IKE_TEMPLATES = (
+    "{prompt} {target} . ",
+    "New Fact: {prompt} {target}\n",
+    "{prompt} ASSISTANT: {target}\n",
+    "{prompt} ASSISTANT: {target}</s>USER: ",
+)
+for _task in ("evqa", "eic"):
+    GRIDS[(_task, "ike", 1)] = [f"{E}.k=1,2,3,4", f"{E}.demo_template={','.join(IKE_TEMPLATES)}"]
 GRIDS[("evqa", "ft_l", 2)] = [f"{E}.lr=0.05,0.1,0.2,0.3", f"{E}.steps_per_edit=2,3", f"{E}.layer=-1,-2"]
 
 
 def short(setting: str) -> str:
-    return setting.replace(PROJECTOR, "on").replace("projector_modules=[]", "projector_modules=off")
+    """``setting`` for a Markdown table cell: the projector list named, a template's newline and tags visible."""
+    setting = setting.replace(PROJECTOR, "on").replace("projector_modules=[]", "projector_modules=off")
+    return setting.replace("\n", "\\n").replace("<", "&lt;").replace("|", "\\|")
 
 
 def landed(row: dict) -> float:
