@@ -5,9 +5,12 @@
     python benchmarks/study.py --out docs/study --report-only         # re-rank what is in --out
 
 Each (task, editor, round) runs its grid of :data:`GRIDS` with ``sweep.py``'s runner: 100 edits of the
-task's train file per run, never the eval file. Every editor gets the same number of runs per task
-(16 per round; E-VQA has two rounds, E-IC one). Round 2 starts from round 1's choice (its fixed values
-are written in the grid) and varies what round 1 left open. The runs of a (task, editor, round) go to
+task's train file per run, never the eval file. Every editor gets the same number of runs per task: 32 on
+E-VQA, 16 on E-IC (16 per round; E-VQA has two rounds, E-IC one; SERAC's first round swept its one
+stream-time knob in 4 runs, so its runs are 4 + 12 + 16 on E-VQA and 4 + 9 + 3 on E-IC). Round 2 starts
+from round 1's choice (its fixed values are written in the grid) and varies what round 1 left open.
+Networks a grid names that their own training run makes (SERAC's) are trained first when missing
+(:func:`ensure_networks`). The runs of a (task, editor, round) go to
 ``<out>/<task>_<editor>_r<round>.json`` (setting, command, every metrics.json figure);
 ``<out>/README.md`` is the ranked report.
 
@@ -124,6 +127,91 @@ for _task in ("evqa", "eic"):
         f"{E}.lr=0.05,0.1",
     ]
     GRIDS[(_task, "serac", 1)] = [f"{E}.threshold=0.3,0.5,0.7,0.9"]
+# SERAC, round 2: its capacity is its networks' training run, so round 2 varies that (the trainings are outside
+# the run budget, as MEND's second meta-training was). Each grid networks file is made by
+# ``python cli.py fit --config configs/tiny_llava_serac_train.yaml`` with the overrides below (``ensure_networks``
+# runs it when the file is missing; one thread; 5-10 min each here). "default" is the committed 1,500-step run.
+SERAC_TRAIN = "configs/tiny_llava_serac_train.yaml"
+SERAC_DIR = "runs/serac_networks"
+T = "model.init_args"
+VQA_ONLY = ["--data.init_args.train_files", "[data/embedded/vqa_train.json]"]
+CAPTIONS_ONLY = ["--data.init_args.train_files", "[data/embedded/caption_train_edit.json]"]
+ALL_LINEAR = (
+    "["
+    + ",".join(
+        f'"model.language_model.layers.{{i}}.{m}"'
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    )
+    + "]"
+)
+SERAC_NETWORKS: dict[str, list[str]] = {
+    "both_4000": ["--trainer.max_steps", "4000"],
+    "vqa_4000": [*VQA_ONLY, "--trainer.max_steps", "4000"],
+    "vqa_lr4e-3_loc0": [*VQA_ONLY, "--trainer.max_steps", "2000", f"--{T}.lr", "0.004", f"--{T}.loc_weight", "0"],
+    "vqa_r32_ffn": [
+        *VQA_ONLY, "--trainer.max_steps", "2000", f"--{T}.rank", "32", f"--{T}.alpha", "64",
+        f"--{T}.adapter_modules", ALL_LINEAR,
+    ],
+    "cap_1500": [*CAPTIONS_ONLY, "--trainer.max_steps", "1500"],
+    "cap_lr4e-3_loc0": [
+        *CAPTIONS_ONLY, "--trainer.max_steps", "1500", f"--{T}.lr", "0.004", f"--{T}.loc_weight", "0",
+    ],
+    # round 3 (E-VQA): round 2's best trained on both tasks, longer, wider or freer
+    "both_8000": ["--trainer.max_steps", "8000"],
+    "both_4000_r32_ffn": [
+        "--trainer.max_steps", "4000", f"--{T}.rank", "32", f"--{T}.alpha", "64", f"--{T}.adapter_modules", ALL_LINEAR,
+    ],
+    "both_4000_lr4e-3_loc0": ["--trainer.max_steps", "4000", f"--{T}.lr", "0.004", f"--{T}.loc_weight", "0"],
+    "both_4000_loc0": ["--trainer.max_steps", "4000", f"--{T}.loc_weight", "0"],
+}  # fmt: skip
+
+
+def serac_file(name: str) -> str:
+    return f"{SERAC_DIR}/{name}.safetensors"
+
+
+GRIDS[("evqa", "serac", 2)] = [
+    f"{E}.networks={','.join(serac_file(n) for n in ('both_4000', 'vqa_4000', 'vqa_lr4e-3_loc0', 'vqa_r32_ffn'))}",
+    f"{E}.threshold=0.5,0.7,0.9",
+]
+# E-VQA round 3: the networks trained on both tasks scored best in round 2 (4,000 steps over 1,500) and the highest
+# threshold did on every networks file, so: four more trainings of that kind, thresholds from 0.7 up.
+GRIDS[("evqa", "serac", 3)] = [
+    f"{E}.networks="
+    + ",".join(serac_file(n) for n in ("both_8000", "both_4000_r32_ffn", "both_4000_lr4e-3_loc0", "both_4000_loc0")),
+    f"{E}.threshold=0.7,0.9,0.95,0.99",
+]
+GRIDS[("eic", "serac", 2)] = [
+    f"{E}.networks={','.join(serac_file(n) for n in ('both_4000', 'cap_1500', 'cap_lr4e-3_loc0'))}",
+    f"{E}.threshold=0.5,0.7,0.9",
+]
+# E-IC round 3 (3 runs, to 16): the longest training on both tasks.
+GRIDS[("eic", "serac", 3)] = [f"{E}.networks={serac_file('both_8000')}", f"{E}.threshold=0.5,0.7,0.9"]
+
+
+def ensure_networks(grid: list[str], log=print) -> None:
+    """Train every SERAC networks file ``grid`` names that does not exist yet (:data:`SERAC_NETWORKS`)."""
+    import subprocess
+
+    for name, overrides in SERAC_NETWORKS.items():
+        path = serac_file(name)
+        if not any(path in item for item in grid) or Path(path).is_file():
+            continue
+        command = [sys.executable, "cli.py", "fit", "--config", SERAC_TRAIN, *overrides, f"--{T}.out_file", path,
+                   f"--{T}.num_threads", "1", "--trainer.logger.init_args.name", f"serac_{name}",
+                   "--trainer.enable_progress_bar", "false"]  # fmt: skip
+        log(f"training SERAC networks {path}: {' '.join(command[1:])}")
+        subprocess.run(command, check=True)
+
+
 # E-VQA round 2 of GRACE (round 1's best ε was its largest) and LiveEdit (round 1's choice held fixed).
 GRIDS[("evqa", "grace", 2)] = [
     f"{E}.epsilon=3,4,6,8",
@@ -150,6 +238,15 @@ IKE_TEMPLATES = (
 )
 for _task in ("evqa", "eic"):
     GRIDS[(_task, "ike", 1)] = [f"{E}.k=1,2,3,4", f"{E}.demo_template={','.join(IKE_TEMPLATES)}"]
+# IKE on E-VQA, round 2: four more ways of writing a demonstration (each edit as two turns; a turn without
+# "ASSISTANT:"; "ASSISTANT:" with a full stop; a whole "USER: ... ASSISTANT: ...</s>" turn).
+IKE_TEMPLATES_2 = (
+    "{prompt} ASSISTANT: {target}</s>USER: {prompt} ASSISTANT: {target}</s>USER: ",
+    "{prompt} {target}</s>USER: ",
+    "{prompt} ASSISTANT: {target} . ",
+    "USER: {prompt} ASSISTANT: {target}</s>",
+)
+GRIDS[("evqa", "ike", 2)] = [f"{E}.k=1,2,3,4", f"{E}.demo_template={','.join(IKE_TEMPLATES_2)}"]
 GRIDS[("evqa", "ft_l", 2)] = [f"{E}.lr=0.05,0.1,0.2,0.3", f"{E}.steps_per_edit=2,3", f"{E}.layer=-1,-2"]
 
 
@@ -225,7 +322,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for the runs (JSON) and the ranked report")
     parser.add_argument("--tasks", nargs="+", default=["evqa", "eic"])
     parser.add_argument("--editors", nargs="+", default=list(CONFIGS))
-    parser.add_argument("--rounds", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--rounds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--min-landed", type=float, default=50.0)
     parser.add_argument("--report-only", action="store_true", help="only re-rank the runs already in --out")
@@ -237,6 +334,7 @@ def main() -> None:
             if task not in args.tasks or editor not in args.editors or rnd not in args.rounds:
                 continue
             config = CONFIGS[editor].format(task=task)
+            ensure_networks(grid, log=lambda line: print(line, flush=True))
             rows = sweep(config, args.edits, grid, log=lambda line: print(line, flush=True))
             path = out / f"{task}_{editor}_r{rnd}.json"
             path.write_text(json.dumps({"config": config, "edits": args.edits, "grid": grid, "runs": rows}, indent=1))
