@@ -65,3 +65,23 @@ def test_without_a_candidate_the_choice_is_the_one_that_lands_most():
 def test_a_setting_is_a_table_cell():
     cell = STUDY.short("demo_template={prompt} ASSISTANT: {target}</s>USER: \n|")
     assert "\n" not in cell and "<" not in cell and "|" not in cell.replace("\\|", "")
+
+
+@pytest.mark.parametrize("name", sorted(STUDY.SERAC_NETWORKS))
+def test_every_serac_training_of_the_grids_is_a_setting_of_its_config(name, capsys):
+    overrides = [*STUDY.SERAC_NETWORKS[name], f"--{STUDY.T}.out_file", STUDY.serac_file(name)]
+    printed = _printed_config(capsys, STUDY.SERAC_TRAIN, overrides)
+    assert printed["model"]["init_args"]["out_file"] == STUDY.serac_file(name)
+    assert str(printed["trainer"]["max_steps"]) in overrides
+
+
+def test_every_serac_networks_file_a_grid_names_has_its_training():
+    named = {
+        value
+        for (_, editor, _), grid in STUDY.GRIDS.items()
+        if editor == "serac"
+        for item in grid
+        if ".networks=" in item
+        for value in split_values(item.split("=", 1)[1])
+    }
+    assert named and named <= {STUDY.serac_file(n) for n in STUDY.SERAC_NETWORKS}
