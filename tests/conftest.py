@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random LLaVA saved like a real checkpoint, and the MMEdit fixture files."""
+"""Shared fixtures: a tiny random LLaVA saved like a real checkpoint, a tiny random BERT saved like a real encoder
+folder, and the MMEdit fixture files."""
 
 from __future__ import annotations
 
@@ -56,4 +57,31 @@ def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = build_tokenizer(FIXTURE_WORDS)
     build_model(tokenizer, spec, seed=0).save_pretrained(folder)
     build_processor(tokenizer, spec).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny ``BertModel`` (hidden 32, 2 layers, 2 heads, intermediate 64, 64 positions) and a WordPiece
+    ``BertTokenizerFast`` of the fixture words (from a ``vocab.txt``), saved with ``save_pretrained`` like a
+    downloaded bert-base-uncased: SERAC's sentence encoder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = [*special, *dict.fromkeys([*FIXTURE_WORDS, "rontgen", "?", ".", ",", "'", ":"])]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    lines = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(lines)})
+    config = BertConfig(
+        vocab_size=len(lines),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder

@@ -1,6 +1,7 @@
 """The shipped real-backbone FT-M, AlphaEdit, GRACE, IKE, LiveEdit and SERAC configs, run unchanged except for paths,
 horizon and log folder (LiveEdit's layer on the BLIP-2 stand-in, which has fewer language layers than it counts back;
-SERAC's networks from its real training configs run for 2 steps on the stand-ins).
+SERAC's networks from its real training configs run for 2 steps on the stand-ins, a tiny random BERT for its
+sentence encoder).
 
 As ``test_real_configs.py`` does for M-ORE: tiny random LLaVA / BLIP-2 checkpoints (the real transformers
 classes) stand in for LLaVA-1.5-7B and BLIP-2-OPT-2.7B, the MMEdit fixtures for the MMEdit files (AlphaEdit's
@@ -54,8 +55,13 @@ RETAIN = [
 
 
 @pytest.fixture(scope="module")
-def serac_networks(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
-    """Per family, SERAC networks written by the shipped ``<family>_serac_train.yaml`` after 2 steps."""
+def serac_networks(
+    checkpoints: dict[str, Path],  # noqa: F811
+    tiny_bert_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Path]:
+    """Per family, SERAC networks written by the shipped ``<family>_serac_train.yaml`` after 2 steps, on the tiny BERT
+    in place of data/bert-base-uncased."""
     folder = tmp_path_factory.mktemp("serac")
     files = {}
     for family, checkpoint in checkpoints.items():
@@ -65,6 +71,7 @@ def serac_networks(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPa
                 "fit", "--config", str(CONFIGS / f"{family}_serac_train.yaml"),
                 "--model.init_args.backbone.init_args.path", str(checkpoint),
                 "--model.init_args.out_file", str(files[family]),
+                "--model.init_args.encoder", str(tiny_bert_dir),
                 "--data.init_args.train_files", json.dumps(RETAIN_FILES),
                 "--data.init_args.image_root", str(MMEDIT / "coco"),
                 "--data.init_args.rephrase_root", str(MMEDIT / "rephrase"),
@@ -91,6 +98,7 @@ def test_baseline_config_header_and_settings(name: str) -> None:
         assert editor["threshold"] == 0.5
         train = _load(name.replace("evqa_serac", "serac_train"))["model"]["init_args"]
         assert train["out_file"] == editor["networks"]
+        assert train["encoder"] == "data/bert-base-uncased" and editor.get("encoder") is None  # the file records it
         assert train["backbone"] == _load(name)["model"]["init_args"]["backbone"]
 
 
@@ -112,6 +120,8 @@ def test_baseline_config_runs_a_3_edit_stream(
         *_path_args(checkpoints[family], "vqa_eval.json", tmp_path),
     ]
     run = cli.main([*args, *extra])
+    if editor == "SERAC":  # the classifier on the encoder folder its networks file records
+        assert run.model.editor.networks.encoder.folder == str(request.getfixturevalue("tiny_bert_dir"))
     assert set(run.model.editor.written_modules()) == written
     assert all(float(run.model.editor.delta_weight(m).norm()) > 0 for m in written)
     metrics = json.loads((Path(run.trainer.logger.log_dir) / "metrics.json").read_text())

@@ -18,15 +18,21 @@ linear layers are switched on for that forward only, through :meth:`SERAC.forwar
 rewritten prompt's token ids). Both parts are trained first, on the **train** split, by their own ``fit``
 (:mod:`more_lightning.editors.serac_train`) and loaded from one safetensors file.
 
-Simplified versus the paper: the classifier is a linear head on the backbone's own features (SERAC: a BERT or
-DistilBERT embedding model; the paper: BERT), scored by cosine similarity as SERAC's embedding classifier; the
-counterfactual is the base model plus LoRA adapters (SERAC / the paper: a separate OPT-125M fine-tuned to read the
-edit), so it sees the query's image, which OPT-125M cannot; the context holds the edit's text, not its image.
+With ``encoder`` set (:class:`SentenceEncoder`), ``f(x)`` is instead a frozen pretrained BERT-class encoder's
+unit-normalised mean of its last hidden state over the query's prompt text (text only: it cannot see the image),
+loaded from a local folder the networks file records (its weights are not in the file).
+
+Simplified versus the paper: the classifier is a linear head on the backbone's own features or on a frozen BERT's
+mean-pooled features (SERAC: a fine-tuned BERT or DistilBERT embedding model; the paper: BERT), scored by cosine
+similarity as SERAC's embedding classifier; the counterfactual is the base model plus LoRA adapters (SERAC / the
+paper: a separate OPT-125M fine-tuned to read the edit), so it sees the query's image, which OPT-125M cannot; the
+context holds the edit's text, not its image.
 
 State: the memory (per edit its prompt and answer as UTF-8 bytes, its ``z`` as ``dim`` float32) is tensors in the
 optimizer's ``state``, so the edit state file, checkpoints and ``single_edits`` carry it; it grows by
 ``dim · 4`` bytes plus the texts per edit. The networks are fixed. Cost per query: one base forward for ``f(x)``
-(cached per prompt and image) and an O(N · dim) score over the N edits; an edit costs one base forward.
+(cached per prompt and image; with a sentence encoder one encoder forward, cached per prompt) and an O(N · dim)
+score over the N edits; an edit costs one such forward.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from torch import Tensor, nn
 from more_lightning.contract import EditPoint
 from more_lightning.editors.memory import MemoryEditor
 from more_lightning.editors.state import networks_file_metadata, save_networks_file
+from more_lightning.errors import SettingError
 
 if TYPE_CHECKING:
     from more_lightning.backbones.base import ModelInputs
@@ -61,6 +68,10 @@ log = logging.getLogger(__name__)
 NETWORKS_FORMAT = "more-lightning SERAC networks v1"
 #: how to make the file a stream config names
 TRAIN_HINT = "train them with `python cli.py fit --config configs/<backbone>_serac_train.yaml`"
+#: the config keys that set the sentence encoder's folder, in a training config and in a stream config
+TRAIN_ENCODER_KEY, STREAM_ENCODER_KEY = "model.init_args.encoder", "model.init_args.editor.init_args.encoder"
+#: how to get the sentence encoder the real training configs name
+ENCODER_HINT = "download it with `huggingface-cli download bert-base-uncased --local-dir data/bert-base-uncased`"
 
 
 def prompt_lengths(inputs: ModelInputs) -> Tensor:
@@ -92,11 +103,83 @@ def query_features(x: Tensor, inputs: ModelInputs) -> Tensor:
     return torch.cat([F.normalize(p.float(), dim=-1, eps=1e-6) for p in parts], dim=-1)  # (B, 3d)
 
 
+def check_encoder_folder(folder: str, key: str = TRAIN_ENCODER_KEY) -> Path:
+    """``folder`` as a path, checked to hold a ``config.json`` (before anything heavy loads).
+
+    Raises:
+        FileNotFoundError: it does not; the message names the folder, the config ``key`` and how to get the encoder.
+    """
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"SERAC sentence encoder {str(folder)!r} not found (no config.json there): {ENCODER_HINT}, or set "
+            f"--{key} to its folder"
+        )
+    return path
+
+
+class SentenceEncoder:
+    """A frozen pretrained BERT-class text encoder (transformers ``AutoModel`` + ``AutoTokenizer``) loaded from a
+    local folder, never from a hub; a text's features are the mean of its last hidden state over the text's tokens
+    (padding excluded), scaled to unit norm. Not an ``nn.Module`` of the networks, so its weights stay out of the
+    networks file; :class:`SERACNetworks` moves it with itself.
+
+    Args:
+        folder: the encoder's folder (``config.json``, weights and tokenizer files, e.g. ``data/bert-base-uncased``).
+        key: the config key that sets ``folder``, named in the errors.
+
+    Raises:
+        FileNotFoundError: there is no ``config.json`` in ``folder`` (the message says how to get the encoder).
+        SettingError: the folder holds no encoder and tokenizer transformers can load (a ``ValueError``).
+    """
+
+    def __init__(self, folder: str, key: str = TRAIN_ENCODER_KEY) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.folder = str(folder)
+        path = check_encoder_folder(folder, key)
+        where = f"{ENCODER_HINT}, or set --{key} to its folder"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModel.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        except Exception as exc:  # whatever transformers raises for a folder it cannot read: one line, not its trace
+            reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise SettingError(
+                f"SERAC sentence encoder {self.folder!r} cannot be loaded as a BERT-class encoder with its tokenizer "
+                f"({reason}): {where}"
+            ) from exc
+        hidden = getattr(model.config, "hidden_size", None)
+        if not isinstance(hidden, int) or getattr(model.config, "is_encoder_decoder", False):
+            raise SettingError(
+                f"SERAC sentence encoder {self.folder!r} holds a {type(model).__name__}, not a BERT-class encoder with "
+                f"a hidden_size: {where}"
+            )
+        self.model, self.tokenizer, self.hidden_size = model.requires_grad_(False).eval(), tokenizer, hidden
+        limits = (tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None))
+        self.max_length = min([n for n in limits if isinstance(n, int) and n > 0] or [512])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def features(self, texts: list[str]) -> Tensor:
+        """(n, hidden) float32 unit vectors on the encoder's device: per text, the mean of the last hidden state over
+        its tokens ([CLS] and [SEP] included, padding not), the text truncated to the encoder's maximum length."""
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(**batch).last_hidden_state  # (n, T, hidden)
+        pooled = _mean(hidden.float(), batch["attention_mask"].bool())  # (n, hidden)
+        return F.normalize(pooled, dim=-1, eps=1e-6)
+
+
 class ScopeClassifier(nn.Module):
     """``p(x in scope of e) = σ(s · z(x)ᵀ z(e) + c)``, ``z = normalise(W f + b)`` (SERAC's embedding classifier).
 
     Args:
-        in_dim: width of the features ``f`` (3 × the feature layer's input width).
+        in_dim: width of the features ``f`` (3 × the feature layer's input width, or the sentence encoder's hidden
+            size).
         dim: width of the embedding ``z``.
     """
 
@@ -156,6 +239,14 @@ class SERACNetworks(nn.Module):
         rank, alpha: the adapters' rank and scaling numerator.
         context_template: how an in-scope query's edit is prepended (``{prompt}``, ``{target}``).
         seed: seeds the initial weights.
+        encoder: folder of a pretrained BERT-class sentence encoder whose features of the query's prompt text the
+            classifier reads (:class:`SentenceEncoder`, loaded here, frozen; not saved in the networks file, only
+            its folder); ``None``: the backbone's features at ``feature_path``. With an encoder, ``feature_path``
+            and ``feature_width`` are recorded but unused (never hooked nor checked).
+        encoder_key: the config key that sets ``encoder``, named in the encoder's errors.
+
+    Raises:
+        FileNotFoundError, SettingError: the encoder folder is missing or holds no encoder (:class:`SentenceEncoder`).
     """
 
     def __init__(
@@ -168,6 +259,8 @@ class SERACNetworks(nn.Module):
         alpha: float = 16.0,
         context_template: str = "{prompt} {target}\n",
         seed: int = 0,
+        encoder: str | None = None,
+        encoder_key: str = TRAIN_ENCODER_KEY,
     ) -> None:
         super().__init__()
         if dim < 1 or rank < 1:
@@ -176,12 +269,22 @@ class SERACNetworks(nn.Module):
             raise ValueError(f"SERAC: context_template must hold {{prompt}} and {{target}}, got {context_template!r}")
         self.feature_path, self.feature_width = feature_path, int(feature_width)
         self.dim, self.context_template = dim, context_template
+        self.encoder = SentenceEncoder(encoder, encoder_key) if encoder is not None else None  # before the seeding
+        in_dim = self.encoder.hidden_size if self.encoder is not None else 3 * self.feature_width
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
-        self.classifier = ScopeClassifier(3 * self.feature_width, dim)
+        self.classifier = ScopeClassifier(in_dim, dim)
         torch.random.set_rng_state(generator_state)
         shapes = {p: (int(d_out), int(d_in)) for p, (d_out, d_in) in adapter_shapes.items()}
         self.adapters = CounterfactualAdapters(shapes, rank, alpha, seed)
+
+    def _apply(self, fn, recurse: bool = True) -> SERACNetworks:
+        """``to`` / ``cuda`` / ``float`` also reach the sentence encoder, which is no submodule (so that its weights
+        stay out of ``state_dict`` and the networks file)."""
+        super()._apply(fn, recurse)
+        if self.encoder is not None:
+            self.encoder.model._apply(fn, recurse)
+        return self
 
     def context(self, prompt: str, target: str) -> str:
         return self.context_template.format(prompt=prompt, target=target)
@@ -196,6 +299,8 @@ class SERACNetworks(nn.Module):
             "alpha": self.adapters.alpha,
             "context_template": self.context_template,
         }
+        if self.encoder is not None:  # only then: a file without an encoder is written as before it existed
+            settings["encoder"] = self.encoder.folder
         return {"format": NETWORKS_FORMAT, "settings": json.dumps(settings)}
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -203,18 +308,35 @@ class SERACNetworks(nn.Module):
         save_networks_file(self, path, {**(metadata or {}), **self.metadata()})
 
     @classmethod
-    def load(cls, path: str | Path) -> SERACNetworks:
-        """Networks written by :meth:`save`.
+    def load(cls, path: str | Path, encoder: str | None = None) -> SERACNetworks:
+        """Networks written by :meth:`save`, with the sentence encoder from the folder the file records, or from
+        ``encoder`` when given (the folder moved; the stream's ``model.init_args.editor.init_args.encoder``).
 
         Raises:
-            FileNotFoundError: there is no such file (the message says how to make it).
-            ValueError: the file is not a SERAC networks file, or its tensors do not fit its settings.
+            FileNotFoundError: there is no such file (the message says how to make it), or no such encoder folder.
+            ValueError: the file is not a SERAC networks file, or its tensors do not fit its settings; ``encoder``
+                given for networks trained without one, or an encoder of another hidden size.
         """
         path = Path(path)
         metadata = networks_file_metadata(path, "SERAC networks", NETWORKS_FORMAT, TRAIN_HINT)
         settings = json.loads(metadata["settings"])
-        networks = cls(**settings)
+        recorded = settings.get("encoder")
+        if encoder is not None:
+            if recorded is None:
+                raise SettingError(
+                    f"SERAC networks {path} were trained on the backbone's own features, without a sentence "
+                    f"encoder: drop {STREAM_ENCODER_KEY} ({encoder!r})"
+                )
+            settings["encoder"] = encoder
+        networks = cls(**settings, encoder_key=STREAM_ENCODER_KEY)
         tensors = load_file(path)
+        weight = tensors.get("classifier.proj.weight")  # (dim, in_dim)
+        if networks.encoder is not None and weight is not None and weight.shape[-1] != networks.encoder.hidden_size:
+            raise SettingError(
+                f"SERAC networks {path} were trained on a sentence encoder of hidden size {weight.shape[-1]} "
+                f"({recorded!r}), {networks.encoder.folder!r} has {networks.encoder.hidden_size}: set "
+                f"{STREAM_ENCODER_KEY} to the encoder they were trained with"
+            )
         expected = {k: tuple(v.shape) for k, v in networks.state_dict().items()}
         given = {k: tuple(v.shape) for k, v in tensors.items()}
         if expected != given:
@@ -229,7 +351,8 @@ class SERACNetworks(nn.Module):
 
 class CounterfactualHooks:
     """Forward hooks on a model: the adapters add their output on the rows a forward marks as routed, and the
-    feature module's input is turned into :func:`query_features` when asked. Outside :meth:`forward` they do nothing.
+    feature module's input is turned into :func:`query_features` when asked (not hooked when the networks read a
+    sentence encoder instead). Outside :meth:`forward` they do nothing.
 
     Args:
         model: the base model.
@@ -242,7 +365,9 @@ class CounterfactualHooks:
         self._routed: Tensor | None = None  # (B,) bool
         self._capture = False
         self.features: Tensor | None = None
-        self._handles = [model.get_submodule(networks.feature_path).register_forward_hook(self._feature_hook)]
+        self._handles = []
+        if networks.encoder is None:
+            self._handles.append(model.get_submodule(networks.feature_path).register_forward_hook(self._feature_hook))
         for path in networks.adapters.shapes:
             self._handles.append(model.get_submodule(path).register_forward_hook(self._adapter_hook(path)))
 
@@ -311,15 +436,21 @@ class SERAC(MemoryEditor):
             ``python cli.py fit --config configs/<backbone>_serac_train.yaml``.
         threshold: a query is in scope of the memory when its largest in-scope probability exceeds this (SERAC: 0.5).
         cache_size: queries whose features (and routed prompts whose token ids) are remembered; features depend only
-            on the unedited model, so the cache never goes stale.
+            on the unedited model (or the frozen sentence encoder), so the cache never goes stale.
+        encoder: folder of the sentence encoder the networks were trained with, when it is no longer at the folder
+            the networks file records (``None``: the recorded one); refused for networks trained without one.
     """
 
-    def __init__(self, networks: str, threshold: float = 0.5, cache_size: int = 4096) -> None:
+    def __init__(
+        self, networks: str, threshold: float = 0.5, cache_size: int = 4096, encoder: str | None = None
+    ) -> None:
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"SERAC: threshold must be in [0, 1), got {threshold}")
         if cache_size < 1:
             raise ValueError(f"SERAC: cache_size must be >= 1, got {cache_size}")
-        self.networks_file, self.threshold = networks, threshold
+        if encoder is not None:
+            check_encoder_folder(encoder, STREAM_ENCODER_KEY)  # before the backbone loads
+        self.networks_file, self.threshold, self.encoder = networks, threshold, encoder
         self.networks: SERACNetworks | None = None
         self.hooks: CounterfactualHooks | None = None
         self._embeddings = _LRU(cache_size)  # (prompt, image digest) -> z (dim,)
@@ -327,27 +458,34 @@ class SERAC(MemoryEditor):
         self._last_scores: list[float] = []
 
     def attach(self, model: nn.Module, edit_points: Sequence[EditPoint]) -> None:
-        networks = SERACNetworks.load(self.networks_file)
+        networks = SERACNetworks.load(self.networks_file, self.encoder)
         check_fits(model, networks, self.networks_file)
         super().attach(model, edit_points)  # the model frozen, the memory's anchor
         self.networks = networks.requires_grad_(False).eval().to(self.anchor.device)
         self.hooks = CounterfactualHooks(model, self.networks)
         adapted, source = len(networks.adapters.shapes), self.networks_file
-        log.info("SERAC: classifier on %s, adapters on %d modules (%s)", networks.feature_path, adapted, source)
+        reads = networks.feature_path if networks.encoder is None else f"sentence encoder {networks.encoder.folder}"
+        log.info("SERAC: classifier on %s, adapters on %d modules (%s)", reads, adapted, source)
 
     @torch.no_grad()
     def embed(self, query: Query, engine: EditEngine) -> Tensor:
-        """(dim,) float32: the classifier's embedding of ``query``'s prompt and image, from the unedited model."""
-        key = (query.prompt, _image_digest(query.image))
+        """(dim,) float32: the classifier's embedding of ``query``'s prompt and image, from the unedited model; with
+        a sentence encoder, of its prompt text alone (the encoder cannot see the image)."""
+        encoder = self.networks.encoder
+        key = (query.prompt, _image_digest(query.image) if encoder is None else b"")
         if key in self._embeddings:
             return self._embeddings[key]
-        backbone = engine.backbone
-        token_id = backbone.image_token_id(engine.processor, engine.model)
-        inputs = backbone.encode_prompt(engine.processor, query.prompt, query.image, token_id)
-        inputs = inputs.to(engine.device, engine.model.dtype)
-        with self.hooks.forward(inputs, capture=True):
-            backbone.logits(engine.model, inputs)
-        z = self.networks.classifier.embed(self.hooks.features)[0]  # (dim,)
+        if encoder is not None:
+            features = encoder.features([query.prompt])  # (1, hidden)
+        else:
+            backbone = engine.backbone
+            token_id = backbone.image_token_id(engine.processor, engine.model)
+            inputs = backbone.encode_prompt(engine.processor, query.prompt, query.image, token_id)
+            inputs = inputs.to(engine.device, engine.model.dtype)
+            with self.hooks.forward(inputs, capture=True):
+                backbone.logits(engine.model, inputs)
+            features = self.hooks.features  # (1, 3d)
+        z = self.networks.classifier.embed(features.to(self.networks.classifier.proj.weight.device))[0]  # (dim,)
         self._embeddings.put(key, z)
         return z
 
@@ -400,15 +538,19 @@ class SERAC(MemoryEditor):
         return {"serac": {"entries": float(len(self.entries()))}}
 
     def state_bytes(self, optimizer: torch.optim.Optimizer) -> int:
-        """The memory, plus the networks the editor keeps beside it."""
-        networks = sum(t.numel() * t.element_size() for t in self.networks.state_dict().values())
-        return super().state_bytes(optimizer) + networks
+        """The memory, plus the networks (and the sentence encoder) the editor keeps beside it."""
+        tensors = list(self.networks.state_dict().values())
+        if self.networks.encoder is not None:
+            tensors += list(self.networks.encoder.model.state_dict().values())
+        return super().state_bytes(optimizer) + sum(t.numel() * t.element_size() for t in tensors)
 
 
 def check_fits(model: nn.Module, networks: SERACNetworks, source: str) -> None:
     """Raise ``ValueError`` unless every module ``networks`` hooks exists in ``model`` as an ``nn.Linear`` of the
-    width it was trained for."""
-    wanted = [(networks.feature_path, (None, networks.feature_width)), *networks.adapters.shapes.items()]
+    width it was trained for: the adapted modules, and the feature module unless the classifier reads a sentence
+    encoder (then the feature module is recorded but never hooked, so a model without it still fits)."""
+    feature = [] if networks.encoder is not None else [(networks.feature_path, (None, networks.feature_width))]
+    wanted = [*feature, *networks.adapters.shapes.items()]
     for path, (d_out, d_in) in wanted:
         try:
             module = model.get_submodule(path)

@@ -5,7 +5,9 @@
 One training step = one train record (edit ``e``, text rephrase, image rephrase, text and multimodal locality):
 
 1. the unedited model runs the five queries once; the feature module's input gives their classifier features
-   (:func:`~more_lightning.editors.serac.query_features`) and the locality queries' answer distributions;
+   (:func:`~more_lightning.editors.serac.query_features`) and the locality queries' answer distributions. With
+   ``encoder`` set, the features are instead the frozen sentence encoder's of the five prompt texts
+   (:class:`~more_lightning.editors.serac.SentenceEncoder`), and only the locality queries run the model;
 2. **classifier**: the features of this record and of the last ``bank_size`` records are embedded; every record's
    edit is paired with every query: its own edit and two rephrases are in scope, its locality queries and every
    query of another record are not. The loss is the binary cross-entropy, positives and negatives weighted alike
@@ -33,7 +35,7 @@ from more_lightning.backbones.base import Backbone, ModelInputs
 from more_lightning.contract import shift_for_loss
 from more_lightning.data.records import EditTuple, Query
 from more_lightning.editors.mend_train import MENDTrainDataModule, NetworksTrainModule
-from more_lightning.editors.serac import CounterfactualHooks, SERACNetworks
+from more_lightning.editors.serac import TRAIN_ENCODER_KEY, CounterfactualHooks, SERACNetworks, check_encoder_folder
 from more_lightning.metrics.accuracy import token_accuracy
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class SERACTrainModule(NetworksTrainModule):
         alpha: the adapters' scaling numerator (scaling ``alpha / rank``).
         dim: width of the classifier's embedding.
         feature_layer: which text edit point's FFN output projection gives the features (its input); ``-1`` = last.
+            Recorded but unused with ``encoder``.
         context_template: how the edit is prepended to an in-scope query (``{prompt}``, ``{target}``).
         lr: Adam learning rate of the adapters.
         cls_lr: Adam learning rate of the classifier.
@@ -87,6 +90,13 @@ class SERACTrainModule(NetworksTrainModule):
         save_every: also write ``out_file`` every this many steps (0: only at the end).
         seed: seeds the networks.
         num_threads: torch CPU threads (``None``: leave torch's setting).
+        encoder: folder of a pretrained BERT-class sentence encoder (transformers format, e.g.
+            ``data/bert-base-uncased``) whose mean-pooled features of the query's prompt text the classifier embeds,
+            the encoder frozen and not saved in ``out_file`` (only its folder is); ``None``: the backbone's features.
+
+    Raises:
+        FileNotFoundError: the ``encoder`` folder does not exist (the message says how to get it).
+        ValueError: a setting cannot be used, or the ``encoder`` folder holds no encoder.
     """
 
     networks_name = "SERAC"
@@ -110,6 +120,7 @@ class SERACTrainModule(NetworksTrainModule):
         save_every: int = 0,
         seed: int = 0,
         num_threads: int | None = None,
+        encoder: str | None = None,
     ) -> None:
         super().__init__()
         for key, value in {"lr": lr, "cls_lr": cls_lr}.items():
@@ -119,6 +130,8 @@ class SERACTrainModule(NetworksTrainModule):
             raise ValueError("SERACTrainModule: name at least one module template in model.init_args.adapter_modules")
         if bank_size < 1 or save_every < 0:
             raise ValueError(f"SERACTrainModule: need bank_size >= 1, save_every >= 0, got {bank_size}, {save_every}")
+        if encoder is not None:
+            check_encoder_folder(encoder, TRAIN_ENCODER_KEY)  # before the backbone loads
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.backbone, self.out_file, self.save_every = backbone, out_file, save_every
@@ -143,7 +156,9 @@ class SERACTrainModule(NetworksTrainModule):
                     raise ValueError(f"adapter module {path!r} does not exist: {hint}") from err
                 shapes[path] = tuple(weight.shape)
         width = self.model.get_submodule(feature_path).in_features
-        self.networks = SERACNetworks(feature_path, width, shapes, dim, rank, alpha, context_template, seed)
+        self.networks = SERACNetworks(
+            feature_path, width, shapes, dim, rank, alpha, context_template, seed, encoder=encoder
+        )  # the encoder moves with the networks
         self.hooks = CounterfactualHooks(self.model, self.networks)
         self.bank: deque[Tensor] = deque(maxlen=bank_size)
 
@@ -161,15 +176,22 @@ class SERACTrainModule(NetworksTrainModule):
 
     @torch.no_grad()
     def base_pass(self, queries: dict[str, Query]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Features (5, 3 d) of the queries and the base model's answer log-probabilities of the locality ones."""
+        """Features (5, 3 d) of the queries (with a sentence encoder: (5, hidden), of their prompt texts) and the base
+        model's answer log-probabilities of the locality ones."""
+        encoder = self.networks.encoder
         features, refs = [], {}
         for name in KINDS:
+            if encoder is not None and name in IN_SCOPE:
+                continue  # its features come from the encoder, and no reference is needed
             inputs = self.encode(queries[name])
-            with self.hooks.forward(inputs, capture=True):
+            with self.hooks.forward(inputs, capture=encoder is None):
                 logits = self.backbone.logits(self.model, inputs)
-            features.append(self.hooks.features[0])
+            if encoder is None:
+                features.append(self.hooks.features[0])
             if name not in IN_SCOPE:
                 refs[name] = answer_logp(logits, inputs.labels)
+        if encoder is not None:
+            return encoder.features([queries[name].prompt for name in KINDS]).to(self.device), refs  # (5, hidden)
         return torch.stack(features), refs
 
     def counterfactual_loss(self, batch: EditTuple, queries: dict[str, Query], refs: dict[str, Tensor]) -> dict:
@@ -192,7 +214,7 @@ class SERACTrainModule(NetworksTrainModule):
 
     def classifier_loss(self, features: Tensor) -> tuple[Tensor, Tensor]:
         self.bank.append(features.detach())
-        stacked = torch.stack(list(self.bank))  # (R, 5, 3d): the newest record last
+        stacked = torch.stack(list(self.bank))  # (R, 5, in_dim): the newest record last
         z = self.networks.classifier.embed(stacked.flatten(0, 1)).view(*stacked.shape[:2], -1)  # (R, 5, dim)
         logits = self.networks.classifier.logits(z[:, 0], z.flatten(0, 1))  # (R, R·5)
         return scope_loss(logits, pairs(len(stacked)).to(logits.device))

@@ -1,10 +1,12 @@
 """SERAC: an in-scope query is rewritten and answered with the adapters on, an out-of-scope one is untouched (its
 logits are the base model's, bit for bit); the memory round-trips through safetensors; the networks file's errors;
-the training run writes a file a stream loads; a short stream stops and resumes to the whole result."""
+the training run writes a file a stream loads; a short stream stops and resumes to the whole result; the classifier on
+a sentence encoder (a tiny random BERT): its features, the networks file that records its folder, its errors."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from safetensors.torch import load_file, save_file
 import cli
 from more_lightning.backbones.llava import LlavaBackbone
 from more_lightning.data.records import Query
-from more_lightning.editors.serac import SERAC, SERACNetworks, prompt_lengths
+from more_lightning.editors.serac import SERAC, SentenceEncoder, SERACNetworks, prompt_lengths
+from more_lightning.editors.serac_train import SERACTrainModule
 from more_lightning.editors.state import edit_state_dict, load_edit_state, read_metadata, save_edit_state
 from tests.conftest import MMEDIT
 from tests.stream_helpers import stopped_and_resumed_equals_whole
@@ -24,16 +27,20 @@ from tests.test_module import _manual_module, _stream
 ADAPTED = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
 
 
-def write_networks(model_dir: Path, path: Path, seed: int = 0) -> Path:
-    """Random SERAC networks for the tiny LLaVA in ``model_dir``: the classifier on the last layer's down_proj input,
-    adapters with a non-zero ``lora_B`` (so the counterfactual differs from the base model)."""
+def write_networks(
+    model_dir: Path, path: Path, seed: int = 0, encoder: Path | None = None, feature_path: str | None = None
+) -> Path:
+    """Random SERAC networks for the tiny LLaVA in ``model_dir``: the classifier on the last layer's down_proj input
+    (or on the sentence encoder in the folder ``encoder``), adapters with a non-zero ``lora_B`` (so the counterfactual
+    differs from the base model); ``feature_path`` records another feature module."""
     model, _ = LlavaBackbone(path=str(model_dir), num_text_layers=2).load()
     n = model.config.text_config.num_hidden_layers
     modules = [f"model.language_model.layers.{i}.{m}" for i in range(n) for m in ADAPTED]
     shapes = {p: tuple(model.get_submodule(p).weight.shape) for p in modules}
     feature = model.get_submodule(f"model.language_model.layers.{n - 1}.mlp.down_proj")
-    networks = SERACNetworks(feature_path=f"model.language_model.layers.{n - 1}.mlp.down_proj",
-                             feature_width=feature.in_features, adapter_shapes=shapes, dim=16, seed=seed)  # fmt: skip
+    networks = SERACNetworks(feature_path=feature_path or f"model.language_model.layers.{n - 1}.mlp.down_proj",
+                             feature_width=feature.in_features, adapter_shapes=shapes, dim=16, seed=seed,
+                             encoder=None if encoder is None else str(encoder))  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for b in networks.adapters.lora_B.values():
@@ -45,6 +52,11 @@ def write_networks(model_dir: Path, path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def networks_file(tiny_llava_dir, tmp_path_factory) -> Path:
     return write_networks(tiny_llava_dir, tmp_path_factory.mktemp("serac") / "serac.safetensors")
+
+
+@pytest.fixture(scope="module")
+def encoder_networks_file(tiny_llava_dir, tiny_bert_dir, tmp_path_factory) -> Path:
+    return write_networks(tiny_llava_dir, tmp_path_factory.mktemp("serac") / "bert.safetensors", encoder=tiny_bert_dir)
 
 
 def _logits(module, inputs):
@@ -196,3 +208,129 @@ def test_training_writes_networks_a_stream_loads(tiny_llava_dir, tmp_path):
 def test_a_stopped_stream_resumes_to_the_whole_result(tiny_llava_dir, networks_file, tmp_path):
     editor = f"{{networks: {networks_file}, threshold: 0.5}}"
     stopped_and_resumed_equals_whole(tmp_path, tiny_llava_dir, MMEDIT, "more_lightning.editors.serac.SERAC", editor)
+
+
+# --- the classifier on a sentence encoder ------------------------------------------------------------------------
+
+
+def test_sentence_encoder_features_are_unit_mean_pooled_and_padding_invariant(tiny_bert_dir):
+    encoder = SentenceEncoder(str(tiny_bert_dir))
+    assert (encoder.hidden_size, encoder.max_length) == (32, 64)  # 64 positions, the tokenizer unbounded
+    assert not encoder.model.training and not any(p.requires_grad for p in encoder.model.parameters())
+    short, long = "what color is the bus?", "who wrote the novel moby dick? " * 4
+    batched = encoder.features([short, long])  # (2, 32): the short one padded
+    assert batched.shape == (2, 32) and batched.dtype == torch.float32
+    assert torch.allclose(batched.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(encoder.features([short])[0], batched[0], atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)
+    assert encoder.features(["dog " * 500]).shape == (1, 32)  # truncated to the 64 positions
+
+
+def test_encoder_networks_round_trip_with_the_folder_but_not_its_weights(
+    tiny_bert_dir, encoder_networks_file, networks_file, tmp_path
+):
+    networks = SERACNetworks.load(encoder_networks_file)
+    assert networks.encoder.folder == str(tiny_bert_dir)
+    assert json.loads(read_metadata(encoder_networks_file)["settings"])["encoder"] == str(tiny_bert_dir)
+    tensors = load_file(encoder_networks_file)
+    assert all(k.startswith(("classifier.", "adapters.")) for k in tensors)  # no encoder weights in the file
+    assert tensors["classifier.proj.weight"].shape == (16, 32)  # in_dim = the encoder's hidden size
+    networks.save(tmp_path / "again.safetensors")
+    again = SERACNetworks.load(tmp_path / "again.safetensors")
+    assert again.encoder.folder == str(tiny_bert_dir)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in networks.state_dict().items())
+    moved = tmp_path / "moved_bert"
+    shutil.copytree(tiny_bert_dir, moved)
+    assert SERACNetworks.load(encoder_networks_file, encoder=str(moved)).encoder.folder == str(moved)
+    # files without the setting (written before it existed, as the committed ones) load as before
+    for old in (networks_file, Path("models/tiny_llava_serac.safetensors")):
+        assert "encoder" not in json.loads(read_metadata(old)["settings"])
+        assert SERACNetworks.load(old).encoder is None
+    with pytest.raises(ValueError, match=r"trained on the backbone's own features.*editor\.init_args\.encoder"):
+        SERACNetworks.load(networks_file, encoder=str(moved))
+
+
+def test_the_encoder_reads_the_prompt_text_only_and_routes_the_edit(
+    tiny_llava_dir, tiny_bert_dir, encoder_networks_file, monkeypatch
+):
+    module, _, stream = _edited(tiny_llava_dir, encoder_networks_file, monkeypatch)
+    editor, batch = module.editor, stream[0]
+    assert editor.hooks._handles and len(editor.hooks._handles) == len(editor.networks.adapters.shapes)  # no feature
+    z = editor.embed(batch.edit, module)
+    expected = editor.networks.classifier.embed(SentenceEncoder(str(tiny_bert_dir)).features([batch.edit.prompt]))
+    assert torch.allclose(z, expected[0], atol=1e-6)
+    editor._embeddings.clear()
+    assert torch.allclose(editor.embed(replace(batch.edit, image=batch.m_loc.image), module), z, atol=1e-6)
+    editor._embeddings.clear()
+    assert torch.allclose(editor.embed(replace(batch.edit, image=None), module), z, atol=1e-6)
+    module.training_step(batch, 0)
+    j, prob = editor.scope(batch.m_gen, module)  # the image rephrase: the edit's own prompt text
+    assert j == 0 and prob > 0.99
+    assert editor.rewrite_query(batch.edit, module).prompt.startswith(f"{batch.edit.prompt} {batch.edit.target}\n")
+    bert_bytes = sum(t.numel() * t.element_size() for t in editor.networks.encoder.model.state_dict().values())
+    networks_bytes = sum(t.numel() * t.element_size() for t in editor.networks.state_dict().values())
+    assert editor.state_bytes(module.editor.optimizer) > bert_bytes + networks_bytes
+
+
+def test_with_an_encoder_the_feature_module_is_not_needed(tiny_llava_dir, tiny_bert_dir, tmp_path, monkeypatch):
+    file = write_networks(tiny_llava_dir, tmp_path / "n.safetensors", encoder=tiny_bert_dir, feature_path="no.such")
+    module, _, _ = _edited(tiny_llava_dir, file, monkeypatch)  # attaches: only the adapters are checked
+    assert module.editor.networks.feature_path == "no.such"
+
+
+def test_a_missing_or_invalid_encoder_folder_is_one_clear_error(tiny_llava_dir, encoder_networks_file, tmp_path):
+    missing = tmp_path / "no_bert"
+    hint = r"huggingface-cli download bert-base-uncased --local-dir data/bert-base-uncased"
+    stream_key = r"--model\.init_args\.editor\.init_args\.encoder"
+    with pytest.raises(FileNotFoundError, match=rf"no_bert.* not found.*{hint}.*{stream_key}"):
+        SERAC(str(encoder_networks_file), encoder=str(missing))
+    invalid = tmp_path / "invalid_bert"
+    invalid.mkdir()
+    (invalid / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"invalid_bert.* cannot be loaded as a BERT-class encoder.*{stream_key}"):
+        SERACNetworks.load(encoder_networks_file, encoder=str(invalid))
+    backbone = LlavaBackbone(path=str(tiny_llava_dir), num_text_layers=2)
+    train_key = r"--model\.init_args\.encoder to"
+    with pytest.raises(FileNotFoundError, match=rf"no_bert.* not found.*{hint}.*{train_key}"):
+        SERACTrainModule(backbone, str(tmp_path / "out.safetensors"), ["x"], encoder=str(missing))
+
+
+def test_the_command_line_says_a_missing_encoder_in_one_line(tiny_llava_dir, tmp_path, capsys):
+    code = cli.run(
+        [
+            "fit", "--config", "configs/tiny_llava_serac_train.yaml",
+            "--model.init_args.backbone.init_args.path", str(tiny_llava_dir),
+            "--model.init_args.out_file", str(tmp_path / "out.safetensors"),
+            "--model.init_args.encoder", str(tmp_path / "no_bert"),
+            "--data.init_args.train_files", json.dumps([str(MMEDIT / "vqa_train.json")]),
+            "--data.init_args.image_root", str(MMEDIT / "coco"),
+            "--data.init_args.rephrase_root", str(MMEDIT / "rephrase"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err  # one line
+    assert "no_bert" in errors[0] and "--model.init_args.encoder " in errors[0] and "huggingface-cli" in errors[0]
+
+
+def test_training_on_an_encoder_writes_networks_a_stream_loads(tiny_llava_dir, tiny_bert_dir, tmp_path):
+    out = tmp_path / "trained.safetensors"
+    cli.main(
+        [
+            "fit", "--config", "configs/tiny_llava_serac_train.yaml",
+            "--model.init_args.backbone.init_args.path", str(tiny_llava_dir),
+            "--model.init_args.out_file", str(out),
+            "--model.init_args.encoder", str(tiny_bert_dir),
+            "--model.init_args.num_threads", "1",
+            "--data.init_args.train_files", json.dumps([str(MMEDIT / "vqa_train.json")]),
+            "--data.init_args.image_root", str(MMEDIT / "coco"),
+            "--data.init_args.rephrase_root", str(MMEDIT / "rephrase"),
+            "--trainer.max_steps", "2",
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false",
+        ]
+    )  # fmt: skip
+    networks = SERACNetworks.load(out)
+    assert networks.encoder.folder == str(tiny_bert_dir) and networks.classifier.proj.in_features == 32
+    assert float(networks.classifier.offset) != -5.0  # the head was trained (from its initial offset)
