@@ -16,7 +16,7 @@ checkpoint, ``single_edits`` restores and the journal's state hash cover it with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
@@ -52,6 +52,28 @@ class Editor:
     def configure_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer whose ``step()`` writes an edit."""
         raise NotImplementedError
+
+    def apply_to_tensors(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Apply ``fn`` (the module's ``.to(device)``, ``.half()``, ...) to the editor's own tensors, as
+        ``nn.Module._apply`` does to a module's: the editor is not a submodule of the LightningModule, so without
+        this its parameters (GRACE's value, LiveEdit's expert, a memory's anchor) and networks (SERAC's, MEND's)
+        would stay where :meth:`attach` made them when Lightning moves the model to its device. Parameters are
+        changed in place (``p.data``), so an optimizer that holds them keeps holding them; modules are applied to;
+        other tensor attributes are replaced; editors held as attributes are applied to in turn. The module calls it
+        before :meth:`configure_optimizer` (Lightning moves the model first), so no optimizer state exists yet."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, nn.Parameter):
+                applied = fn(value.data)
+                if torch._has_compatible_shallow_copy_type(value.data, applied):  # CPU <-> CUDA, a dtype: in place
+                    value.data = applied
+                else:  # e.g. to the meta device: a new parameter, as nn.Module._apply makes one
+                    setattr(self, name, nn.Parameter(applied, requires_grad=value.requires_grad))
+            elif isinstance(value, nn.Module):
+                value._apply(fn)
+            elif isinstance(value, Tensor):
+                setattr(self, name, fn(value))
+            elif isinstance(value, Editor):
+                value.apply_to_tensors(fn)
 
     def prepare(self, optimizer: torch.optim.Optimizer, engine: EditEngine) -> None:
         """Called once after :meth:`configure_optimizer`, before any edit, with the unedited model behind ``engine``.
