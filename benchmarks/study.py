@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -199,8 +200,6 @@ GRIDS[("eic", "serac", 3)] = [f"{E}.networks={serac_file('both_8000')}", f"{E}.t
 
 def ensure_networks(grid: list[str], log=print) -> None:
     """Train every SERAC networks file ``grid`` names that does not exist yet (:data:`SERAC_NETWORKS`)."""
-    import subprocess
-
     for name, overrides in SERAC_NETWORKS.items():
         path = serac_file(name)
         if not any(path in item for item in grid) or Path(path).is_file():

@@ -4,6 +4,7 @@ folder, and the MMEdit fixture files."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +18,26 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MMEDIT = FIXTURES / "mmedit"
+
+
+def networks_training_args(
+    config: str | Path, checkpoint: Path, out: Path, train_files: list[str], save_dir: Path, *extra: str, steps: int = 2
+) -> list[str]:
+    """``fit`` arguments of an editor's networks training run (``<backbone>_{mend,serac}_train.yaml``) on the
+    MMEdit fixture files ``train_files`` (names under ``MMEDIT``) for ``steps`` steps, writing ``out``; ``extra``
+    are further overrides."""
+    return [
+        "fit", "--config", str(config),
+        "--model.init_args.backbone.init_args.path", str(checkpoint),
+        "--model.init_args.out_file", str(out),
+        *extra,
+        "--data.init_args.train_files", json.dumps([str(MMEDIT / f) for f in train_files]),
+        "--data.init_args.image_root", str(MMEDIT / "coco"),
+        "--data.init_args.rephrase_root", str(MMEDIT / "rephrase"),
+        "--trainer.max_steps", str(steps),
+        "--trainer.logger.init_args.save_dir", str(save_dir),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
 
 
 def benchmark_script(name: str) -> ModuleType:

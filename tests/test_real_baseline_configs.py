@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import cli
-from tests.conftest import MMEDIT
+from tests.conftest import MMEDIT, networks_training_args
 from tests.test_real_configs import CONFIGS, SCORES, _load, _path_args, checked_header, checkpoints  # noqa: F401
 from tests.tiny_models import BLIP2_TEXT_LAYERS
 
@@ -46,7 +46,8 @@ SHALLOW_BLIP2 = [
     "--model.init_args.backbone.init_args.num_text_layers", str(BLIP2_TEXT_LAYERS),
     "--model.init_args.editor.init_args.layer", str(-BLIP2_TEXT_LAYERS),
 ]  # fmt: skip
-RETAIN_FILES = [str(MMEDIT / "vqa_train.json"), str(MMEDIT / "caption_train_edit.json")]
+TRAIN_FILES = ["vqa_train.json", "caption_train_edit.json"]
+RETAIN_FILES = [str(MMEDIT / f) for f in TRAIN_FILES]
 RETAIN = [
     "--model.init_args.editor.init_args.retain_files", json.dumps(RETAIN_FILES),
     "--model.init_args.editor.init_args.image_root", str(MMEDIT / "coco"),
@@ -66,20 +67,8 @@ def serac_networks(
     files = {}
     for family, checkpoint in checkpoints.items():
         files[family] = folder / f"{family}_serac.safetensors"
-        cli.main(
-            [
-                "fit", "--config", str(CONFIGS / f"{family}_serac_train.yaml"),
-                "--model.init_args.backbone.init_args.path", str(checkpoint),
-                "--model.init_args.out_file", str(files[family]),
-                "--model.init_args.encoder", str(tiny_bert_dir),
-                "--data.init_args.train_files", json.dumps(RETAIN_FILES),
-                "--data.init_args.image_root", str(MMEDIT / "coco"),
-                "--data.init_args.rephrase_root", str(MMEDIT / "rephrase"),
-                "--trainer.max_steps", "2",
-                "--trainer.logger.init_args.save_dir", str(folder),
-                "--trainer.enable_progress_bar", "false",
-            ]
-        )  # fmt: skip
+        config, extra = CONFIGS / f"{family}_serac_train.yaml", ("--model.init_args.encoder", str(tiny_bert_dir))
+        cli.main(networks_training_args(config, checkpoint, files[family], TRAIN_FILES, folder, *extra))
     return files
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import cli
-from tests.conftest import MMEDIT
+from tests.conftest import networks_training_args
 from tests.test_real_configs import CONFIGS, SCORES, _load, _path_args, checked_header, checkpoints  # noqa: F401
 
 LLAVA_DOWN = {f"model.language_model.layers.{i}.mlp.down_proj" for i in range(9, 12)}
@@ -40,19 +40,8 @@ def test_mend_configs_keep_mends_settings(family: str) -> None:
 @pytest.mark.parametrize("family", sorted(WRITTEN))
 def test_meta_training_then_a_3_edit_stream(family: str, checkpoints: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     networks = tmp_path / "mend.safetensors"
-    cli.main(
-        [
-            "fit", "--config", str(CONFIGS / f"{family}_mend_train.yaml"),
-            "--model.init_args.backbone.init_args.path", str(checkpoints[family]),
-            "--model.init_args.out_file", str(networks),
-            "--data.init_args.train_files", json.dumps([str(MMEDIT / f) for f in TRAIN_FILES]),
-            "--data.init_args.image_root", str(MMEDIT / "coco"),
-            "--data.init_args.rephrase_root", str(MMEDIT / "rephrase"),
-            "--trainer.max_steps", "2",
-            "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--trainer.enable_progress_bar", "false",
-        ]
-    )  # fmt: skip
+    config = CONFIGS / f"{family}_mend_train.yaml"
+    cli.main(networks_training_args(config, checkpoints[family], networks, list(TRAIN_FILES), tmp_path))
     assert networks.is_file()
     args = ["fit", "--config", str(CONFIGS / f"{family}_evqa_mend.yaml")]
     args += [*_path_args(checkpoints[family], "vqa_eval.json", tmp_path)]

@@ -20,9 +20,11 @@ from more_lightning.data.records import Query
 from more_lightning.editors.serac import SERAC, SentenceEncoder, SERACNetworks, prompt_lengths
 from more_lightning.editors.serac_train import SERACTrainModule
 from more_lightning.editors.state import edit_state_dict, load_edit_state, read_metadata, save_edit_state
-from tests.conftest import MMEDIT
+from tests.conftest import MMEDIT, networks_training_args
 from tests.stream_helpers import stopped_and_resumed_equals_whole
 from tests.test_module import _manual_module, _stream
+
+TRAIN_CONFIG = "configs/tiny_llava_serac_train.yaml"
 
 ADAPTED = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
 
@@ -170,20 +172,8 @@ def test_a_file_of_another_kind_or_shape_is_refused(tiny_llava_dir, networks_fil
 
 def test_training_writes_networks_a_stream_loads(tiny_llava_dir, tmp_path):
     out = tmp_path / "trained.safetensors"
-    cli.main(
-        [
-            "fit", "--config", "configs/tiny_llava_serac_train.yaml",
-            "--model.init_args.backbone.init_args.path", str(tiny_llava_dir),
-            "--model.init_args.out_file", str(out),
-            "--model.init_args.num_threads", "1",
-            "--data.init_args.train_files", json.dumps([str(MMEDIT / "vqa_train.json")]),
-            "--data.init_args.image_root", str(MMEDIT / "coco"),
-            "--data.init_args.rephrase_root", str(MMEDIT / "rephrase"),
-            "--trainer.max_steps", "3",
-            "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--trainer.enable_progress_bar", "false",
-        ]
-    )  # fmt: skip
+    extra = ("--model.init_args.num_threads", "1")
+    cli.main(networks_training_args(TRAIN_CONFIG, tiny_llava_dir, out, ["vqa_train.json"], tmp_path, *extra, steps=3))
     networks = SERACNetworks.load(out)
     assert any(float(b.abs().sum()) > 0 for b in networks.adapters.lora_B.values())  # the adapters were trained
     assert networks.feature_path == "model.language_model.layers.1.mlp.down_proj"
@@ -296,18 +286,8 @@ def test_a_missing_or_invalid_encoder_folder_is_one_clear_error(tiny_llava_dir, 
 
 
 def test_the_command_line_says_a_missing_encoder_in_one_line(tiny_llava_dir, tmp_path, capsys):
-    code = cli.run(
-        [
-            "fit", "--config", "configs/tiny_llava_serac_train.yaml",
-            "--model.init_args.backbone.init_args.path", str(tiny_llava_dir),
-            "--model.init_args.out_file", str(tmp_path / "out.safetensors"),
-            "--model.init_args.encoder", str(tmp_path / "no_bert"),
-            "--data.init_args.train_files", json.dumps([str(MMEDIT / "vqa_train.json")]),
-            "--data.init_args.image_root", str(MMEDIT / "coco"),
-            "--data.init_args.rephrase_root", str(MMEDIT / "rephrase"),
-            "--trainer.logger.init_args.save_dir", str(tmp_path),
-        ]
-    )  # fmt: skip
+    out, extra = tmp_path / "out.safetensors", ("--model.init_args.encoder", str(tmp_path / "no_bert"))
+    code = cli.run(networks_training_args(TRAIN_CONFIG, tiny_llava_dir, out, ["vqa_train.json"], tmp_path, *extra))
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1 and "Traceback" not in err  # one line
@@ -316,21 +296,8 @@ def test_the_command_line_says_a_missing_encoder_in_one_line(tiny_llava_dir, tmp
 
 def test_training_on_an_encoder_writes_networks_a_stream_loads(tiny_llava_dir, tiny_bert_dir, tmp_path):
     out = tmp_path / "trained.safetensors"
-    cli.main(
-        [
-            "fit", "--config", "configs/tiny_llava_serac_train.yaml",
-            "--model.init_args.backbone.init_args.path", str(tiny_llava_dir),
-            "--model.init_args.out_file", str(out),
-            "--model.init_args.encoder", str(tiny_bert_dir),
-            "--model.init_args.num_threads", "1",
-            "--data.init_args.train_files", json.dumps([str(MMEDIT / "vqa_train.json")]),
-            "--data.init_args.image_root", str(MMEDIT / "coco"),
-            "--data.init_args.rephrase_root", str(MMEDIT / "rephrase"),
-            "--trainer.max_steps", "2",
-            "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--trainer.enable_progress_bar", "false",
-        ]
-    )  # fmt: skip
+    extra = ("--model.init_args.encoder", str(tiny_bert_dir), "--model.init_args.num_threads", "1")
+    cli.main(networks_training_args(TRAIN_CONFIG, tiny_llava_dir, out, ["vqa_train.json"], tmp_path, *extra))
     networks = SERACNetworks.load(out)
     assert networks.encoder.folder == str(tiny_bert_dir) and networks.classifier.proj.in_features == 32
     assert float(networks.classifier.offset) != -5.0  # the head was trained (from its initial offset)
