@@ -255,6 +255,7 @@ class Sampling:
     crowded_prob: float = 0.0
     max_objects: int = MAX_OBJECTS
     vqa_turns: int = 1
+    turn_yes_no: float = 0.0
 
 
 class WorldStream(IterableDataset):
@@ -339,9 +340,17 @@ class WorldStream(IterableDataset):
         return batch
 
     def _more_turns(self, scene: Scene, sampling: Sampling, rng: random.Random) -> list[tuple[str, str]]:
-        """``sampling.vqa_turns - 1`` further questions about the same scene (types drawn by the weights)."""
+        """``sampling.vqa_turns - 1`` further questions about the same scene (types drawn by the weights); each
+        is, with probability ``sampling.turn_yes_no``, one question of a yes/no pair (category and which of
+        the two drawn at random: a row never holds both, whose answers would give each other away)."""
         turns = []
         while len(turns) < sampling.vqa_turns - 1:
+            if sampling.turn_yes_no and rng.random() < sampling.turn_yes_no:
+                pair = make_yes_no(scene, rng.choice(MME_CATEGORIES), rng)
+                if pair is not None:
+                    question, answer = rng.choice(pair)
+                    turns.append((question, answer.lower()))
+                continue
             item = make_vqa(scene, draw_qtype(rng, sampling.qtype_weights), rng)
             if item is not None:
                 turns.append((item.question, item.answer))
@@ -399,6 +408,9 @@ class PretrainDataModule(L.LightningDataModule):
         restart_crowded_prob: share of stage 3's hard scenes that are a :func:`crowded_scene`
             (6–9 objects) rather than a :func:`confusable_scene`.
         restart_vqa_turns: ``vqa_turns`` of stage 3 (None = as in stage 2).
+        turn_yes_no: share of the further turns of a VQA row (stages 2 and 3) that are one yes/no question
+            about the image instead of a VQA question: yes/no answers carry one bit each, and as further
+            turns they cost no image tokens.
     """
 
     def __init__(
@@ -421,6 +433,7 @@ class PretrainDataModule(L.LightningDataModule):
         object_ramp_steps: int = 0,
         vqa_turns: int = 1,
         restart_vqa_turns: int | None = None,
+        turn_yes_no: float = 0.0,
         spec: TinyLlavaSpec | None = None,
     ) -> None:
         super().__init__()
@@ -434,6 +447,7 @@ class PretrainDataModule(L.LightningDataModule):
             distractor_prob,
             crowded_prob,
             vqa_turns=vqa_turns,
+            turn_yes_no=turn_yes_no,
         )
         restart_sampling = Sampling(
             restart_mix or sampling.mix,
@@ -441,6 +455,7 @@ class PretrainDataModule(L.LightningDataModule):
             distractor_prob if restart_distractor_prob is None else restart_distractor_prob,
             restart_crowded_prob,
             vqa_turns=vqa_turns if restart_vqa_turns is None else restart_vqa_turns,
+            turn_yes_no=turn_yes_no,
         )
         self.stream = WorldStream(
             Encoder(self.processor),

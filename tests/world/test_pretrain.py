@@ -20,7 +20,7 @@ from more_lightning.world.pretrain import (
     pixel_values,
     sample_examples,
 )
-from more_lightning.world.questions import QTYPES, make_vqa
+from more_lightning.world.questions import MME_CATEGORIES, QTYPES, make_vqa, make_yes_no
 from more_lightning.world.scenes import render, sample_scene
 from more_lightning.world.tiny_llava import TinyLlavaSpec, build_processor
 
@@ -261,3 +261,28 @@ def test_further_turns_follow_the_answer_and_only_answers_are_labelled():
     supervised = [t for t, label in zip(tokens, labels, strict=True) if label != IGNORE]
     assert supervised == ["red", "</s>", "large", "</s>"]
     assert [label for label in labels if label != IGNORE] == dm.tokenizer.convert_tokens_to_ids(supervised)
+
+
+def test_yes_no_turns_are_single_questions_of_a_pair_about_the_rows_scene():
+    """With ``turn_yes_no`` 1 every further turn is one yes/no question whose answer is right for the scene;
+    a row never holds both questions of a pair (their answers would give each other away)."""
+    dm = PretrainDataModule(num_entities=20, batch_size=8, vqa_turns=4, turn_yes_no=1.0)
+    stream, rng = dm.stream, random.Random(0)
+    answers, checked = [], 0
+    for _ in range(30):
+        scene = sample_scene(rng, min_objects=2)
+        turns = stream._more_turns(scene, stream.sampling, rng)
+        assert len(turns) == 3
+        pairs = [make_yes_no(scene, c, random.Random(k)) for c in MME_CATEGORIES for k in range(100)]
+        known = {q: a.lower() for pair in pairs if pair for q, a in pair}
+        for question, answer in turns:
+            assert question.endswith("please answer yes or no.") and answer in ("yes", "no")
+            if question in known:  # the same question drawn for this scene elsewhere: the same answer
+                assert known[question] == answer
+                checked += 1
+        answers += [a for _, a in turns]
+    assert checked >= 30
+    assert 0.3 < answers.count("yes") / len(answers) < 0.7
+    plain = PretrainDataModule(num_entities=20, batch_size=8, vqa_turns=4).stream
+    turns = plain._more_turns(sample_scene(rng, min_objects=2), plain.sampling, rng)
+    assert not any(q.endswith("please answer yes or no.") for q, _ in turns)
