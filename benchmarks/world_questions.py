@@ -19,6 +19,7 @@ from collections import defaultdict
 import torch
 
 from more_lightning.backbones.llava import LlavaBackbone
+from more_lightning.metrics.mme import mme_scores
 from more_lightning.world.benchmark import _vqa_question
 from more_lightning.world.evaluate import greedy_answers
 from more_lightning.world.pretrain import Encoder
@@ -77,10 +78,11 @@ def main() -> None:
         for category, drawn in pairs.items():
             prompts = [(q, image) for image, pair in drawn for q, _ in pair]
             answers = greedy_answers(model.eval(), encoder, prompts, max_new_tokens=1)
-            hits = [a == truth for a, truth in zip(answers, [t for _, pair in drawn for _, t in pair], strict=True)]
-            both = [hits[i] and hits[i + 1] for i in range(0, len(hits), 2)]
-            acc, acc_plus = 100 * sum(hits) / len(hits), 100 * sum(both) / len(both)
-            print(f"  yes/no {category:9s} acc {acc:5.1f}  acc+ {acc_plus:5.1f}  of {len(both)} pairs", flush=True)
+            truths = [t for _, pair in drawn for _, t in pair]
+            hits = torch.tensor([a == t for a, t in zip(answers, truths, strict=True)])
+            scores = mme_scores(torch.arange(len(drawn)).repeat_interleave(2), hits)  # the two questions of image i
+            acc, acc_plus = scores["acc"].item(), scores["acc_plus"].item()
+            print(f"  yes/no {category:9s} acc {acc:5.1f}  acc+ {acc_plus:5.1f}  of {len(drawn)} pairs", flush=True)
 
 
 if __name__ == "__main__":

@@ -374,7 +374,6 @@ class OnlineEditModule(LightningModule):
 
     # --- Lightning plumbing ----------------------------------------------------------------------
     @override
-    @override
     def _apply(self, fn, *args, **kwargs) -> OnlineEditModule:
         """``.to(device)`` and its kin move the editor's own tensors too (:meth:`Editor.apply_to_tensors`): Lightning
         moves the module to its device after :meth:`__init__` attached the editor on the CPU."""
@@ -382,6 +381,7 @@ class OnlineEditModule(LightningModule):
         self.editor.apply_to_tensors(fn)
         return self
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optimizer = self.editor.configure_optimizer()
         self.editor.prepare(optimizer, self)  # e.g. retain keys; a loaded edit state or checkpoint replaces them

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from more_lightning.backbones.llava import LlavaBackbone
 from more_lightning.data.schema import heldout_path
+from more_lightning.metrics.mme import mme_scores
 from more_lightning.world.pretrain import IGNORE, Encoder, pixel_values
 
 log = logging.getLogger(__name__)
@@ -187,13 +188,12 @@ def evaluate(model_dir: str, data_dir: str, threads: int = 1, split: str = "eval
 
     items = _mme(data)
     answers = greedy_answers(model, encoder, [(q, im) for _, _, im, q, _ in items], max_new_tokens=1)
-    per_image: dict[tuple[str, str], list[bool]] = defaultdict(list)
-    for (category, image_id, _, _, truth_answer), a in zip(items, answers, strict=True):
-        per_image[(category, image_id)].append(a == truth_answer)
-    for category in sorted({c for c, _ in per_image}):
-        groups = [hits for (c, _), hits in per_image.items() if c == category]
-        report[f"mme/{category}/acc"] = _pct([h for hits in groups for h in hits])
-        report[f"mme/{category}/acc_plus"] = _pct([all(hits) for hits in groups])
+    answered = [(c, image_id, a == truth) for (c, image_id, _, _, truth), a in zip(items, answers, strict=True)]
+    for category in sorted({c for c, _, _ in answered}):
+        chosen = [(image_id, hit) for c, image_id, hit in answered if c == category]
+        scores = mme_scores([image_id for image_id, _ in chosen], torch.tensor([hit for _, hit in chosen]))
+        report[f"mme/{category}/acc"] = scores["acc"].item()
+        report[f"mme/{category}/acc_plus"] = scores["acc_plus"].item()
     return report
 
 
