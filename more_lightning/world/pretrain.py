@@ -133,15 +133,22 @@ class Encoder:
         self._blank = render(Scene(()))
         self._prompt_ids: dict[tuple[str, bool], list[int]] = {}
         self._words: dict[str, list[int]] = {}
+        self._targets: dict[str, list[int]] = {}
+        blank = self.processor(text=LLAVA_TEMPLATE.format(prompt=""), images=self._blank)["input_ids"][0]
+        #: How many image tokens the processor expands one ``<image>`` into.
+        self.image_tokens = list(blank).count(self.image_token_id)
 
     def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
+        """Ids of the query, as ``processor(text=..., images=...)`` makes them (tested equal): the template's
+        ``<image>`` expanded to :attr:`image_tokens` tokens, then tokenized (the processor would also
+        preprocess an image each time, which the ids do not depend on)."""
         key = (prompt, with_image)
         if key not in self._prompt_ids:
             if with_image:
-                enc = self.processor(text=LLAVA_TEMPLATE.format(prompt=prompt), images=self._blank)
+                text = LLAVA_TEMPLATE.format(prompt=prompt).replace("<image>", "<image>" * self.image_tokens)
             else:
-                enc = self.tokenizer(LLAVA_TEXT_TEMPLATE.format(prompt=prompt))
-            self._prompt_ids[key] = list(enc["input_ids"][0] if with_image else enc["input_ids"])
+                text = LLAVA_TEXT_TEMPLATE.format(prompt=prompt)
+            self._prompt_ids[key] = list(self.tokenizer(text)["input_ids"])
         return self._prompt_ids[key]
 
     def prompt_words(self, text: str) -> list[int]:
@@ -151,7 +158,10 @@ class Encoder:
         return self._words[text]
 
     def target_ids(self, target: str) -> list[int]:
-        return self.tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        if target not in self._targets:
+            ids = self.tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+            self._targets[target] = [*ids, self.tokenizer.eos_token_id]
+        return list(self._targets[target])
 
     def __call__(
         self, prompt: str, target: str, with_image: bool, more: list[tuple[str, str]] = ()

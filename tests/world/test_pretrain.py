@@ -286,3 +286,11 @@ def test_yes_no_turns_are_single_questions_of_a_pair_about_the_rows_scene():
     plain = PretrainDataModule(num_entities=20, batch_size=8, vqa_turns=4).stream
     turns = plain._more_turns(sample_scene(rng, min_objects=2), plain.sampling, rng)
     assert not any(q.endswith("please answer yes or no.") for q, _ in turns)
+
+
+def test_encoder_caches_hand_out_copies():
+    encoder = Encoder(_datamodule().processor)
+    first = encoder.target_ids("red")
+    first.append(-1)
+    assert encoder.target_ids("red") == first[:-1]
+    assert encoder.image_tokens == 36

@@ -96,3 +96,32 @@ def test_patterns_are_drawn_as_named():
     solid = np.asarray(render(Scene((SceneObject("square", "red", "solid", "large", 14),))))
     hollow = np.asarray(render(Scene((SceneObject("square", "red", "hollow", "large", 14),))))
     assert (hollow == red).all(-1).sum() < 0.6 * (solid == red).all(-1).sum()
+
+
+def test_noise_draws_are_the_random_calls_they_replace():
+    from more_lightning.world.scenes import IMAGE_SIZE, _noise_draws
+
+    for seed in range(20):
+        expected: dict[tuple[int, int], int] = {}
+        calls = random.Random(seed)
+        for _ in range(480):
+            x, y = calls.randrange(IMAGE_SIZE), calls.randrange(IMAGE_SIZE)
+            expected[y, x] = calls.randint(-30, 30)
+        fast = random.Random(seed)
+        assert _noise_draws(fast, 480) == expected
+        assert fast.random() == calls.random()  # the generator is left in the same state
+
+
+def test_jittered_background_noise_as_drawn_pixel_by_pixel():
+    scene = Scene(())  # background only: every pixel is background or noise
+    for seed in range(5):
+        rng = random.Random(seed)
+        shift = rng.randint(-20, 20)
+        background = tuple(c + shift for c in BACKGROUND)
+        expected = np.empty((96, 96, 3), dtype=np.uint8)
+        expected[:] = background
+        for _ in range(480):
+            x, y = rng.randrange(96), rng.randrange(96)
+            v = rng.randint(-30, 30)
+            expected[y, x] = tuple(min(255, max(0, c + v)) for c in background)
+        np.testing.assert_array_equal(np.asarray(render(scene, jitter=True, seed=seed)), expected)
