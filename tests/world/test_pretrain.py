@@ -22,7 +22,7 @@ from more_lightning.world.pretrain import (
 )
 from more_lightning.world.questions import MME_CATEGORIES, QTYPES, make_vqa, make_yes_no
 from more_lightning.world.scenes import render, sample_scene
-from more_lightning.world.tiny_llava import TinyLlavaSpec, build_processor
+from more_lightning.world.tiny_llava import TinyLlavaSpec, build_model, build_processor
 
 
 def _datamodule() -> PretrainDataModule:
@@ -217,18 +217,21 @@ def test_init_from_refuses_a_model_of_another_vocabulary(tmp_path):
 def test_length_chunks_give_the_same_loss_as_one_padded_batch():
     dm = PretrainDataModule(num_entities=20, batch_size=12, vision_batch_size=2, vision_steps=0)
     batch = next(iter(dm.train_dataloader()))
-    module = PretrainModule("unused", length_chunks=1)
+    module = PretrainModule("unused", length_chunks=1, dense_weight=0.5, align_weight=0.5)
     module.trainer = L.Trainer(accelerator="cpu", logger=False)
     module.trainer.datamodule = dm
     module.configure_model()
     module.model.eval()
-    one_loss, one_exact, _ = module._lm_loss(batch)
+    one_loss, one_exact, one_dense, one_align = module._lm_loss(batch)
     module.hparams.length_chunks = 3
     lengths = batch["attention_mask"].sum(1)
     assert lengths.min() < lengths.max()  # the chunks do cut padding
-    three_loss, three_exact, _ = module._lm_loss(batch)
+    three_loss, three_exact, _, three_align = module._lm_loss(batch)
     torch.testing.assert_close(three_loss, one_loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(three_exact, one_exact)
+    assert one_align > 0 and one_dense > 0
+    # per-chunk means of per-chunk means: equal only up to how the chunks split the cells, so loosely
+    torch.testing.assert_close(three_align, one_align, rtol=0.2, atol=0)
 
 
 def test_dense_loss_is_the_mean_log_likelihood_of_each_objects_words():
@@ -294,3 +297,25 @@ def test_encoder_caches_hand_out_copies():
     first.append(-1)
     assert encoder.target_ids("red") == first[:-1]
     assert encoder.image_tokens == 36
+
+
+def test_align_loss_is_one_minus_the_cosine_to_each_objects_word_embeddings():
+    dm = _datamodule()
+    module = PretrainModule("unused", align_weight=1.0)
+    module.model = build_model(dm.tokenizer, TinyLlavaSpec())
+    scenes = [sample_scene(random.Random(k), max_objects=4) for k in range(3)]
+    words = torch.stack([dm.stream.cell_words(s) for s in scenes])  # (3, 36, 6)
+    projected = torch.randn(3, 36, 128, generator=torch.Generator().manual_seed(0))
+    embedding = module.model.get_input_embeddings().weight
+    total, count = 0.0, 0
+    for b, scene in enumerate(scenes):
+        for obj in scene.objects:
+            text = f"{obj.size} {obj.colour} {obj.pattern} {obj.shape} {obj.position}"
+            ids = dm.tokenizer.convert_tokens_to_ids(text.split())
+            mean = embedding[ids].mean(0)
+            cos = float(projected[b, obj.cell] @ mean / (projected[b, obj.cell].norm() * mean.norm()))
+            total += 1 - cos
+            count += 1
+    loss = module._align_loss(projected, words)
+    torch.testing.assert_close(loss, torch.tensor(total / count), rtol=1e-5, atol=1e-6)
+    assert module._align_loss(projected, torch.full_like(words, IGNORE)) == 0  # no object: no loss
