@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from typing_extensions import override
 
 from more_lightning.backbones.llava import LLAVA_TEMPLATE, LLAVA_TEXT_TEMPLATE, LlavaBackbone
@@ -378,8 +378,15 @@ class WorldStream(IterableDataset):
 
     @override
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        rng = random.Random(f"pretrain-{self.seed}")
-        step = 0
+        """One process yields steps 0, 1, 2, …; worker ``w`` of ``n`` (a DataLoader's ``num_workers``) yields
+        steps w, w + n, w + 2n, … from its own seed, so the DataLoader's round-robin hands the trainer the
+        steps in order, each staged by its own step number."""
+        worker = get_worker_info()
+        if worker is None:
+            rng, step, stride = random.Random(f"pretrain-{self.seed}"), 0, 1
+        else:
+            rng = random.Random(f"pretrain-{self.seed}-worker-{worker.id}-of-{worker.num_workers}")
+            step, stride = worker.id, worker.num_workers
         while True:
             if self.restart_step is not None and step >= self.restart_step:  # stage 3: language modelling only
                 batch = self._lm_batch(rng, self.restart_sampling)
@@ -388,7 +395,7 @@ class WorldStream(IterableDataset):
             else:
                 batch = self._vision_batch(rng) if self.vision_in_stage2 else {}
                 batch.update(self._lm_batch(rng, self._ramped(step - self.vision_steps)))
-            step += 1
+            step += stride
             yield batch
 
 
@@ -418,6 +425,10 @@ class PretrainDataModule(L.LightningDataModule):
         restart_crowded_prob: share of stage 3's hard scenes that are a :func:`crowded_scene`
             (6–9 objects) rather than a :func:`confusable_scene`.
         restart_vqa_turns: ``vqa_turns`` of stage 3 (None = as in stage 2).
+        num_workers: processes that build the batches (0 = the training process; each worker draws from its
+            own seed, so the stream differs from the 0-worker one). Pays where a step is faster than a batch
+            is built, as on a GPU; on 2 cores a training step takes 7–14× as long as a batch
+            (benchmarks/pretrain_step.py).
         turn_yes_no: share of the further turns of a VQA row (stages 2 and 3) that are one yes/no question
             about the image instead of a VQA question: yes/no answers carry one bit each, and as further
             turns they cost no image tokens.
@@ -444,9 +455,13 @@ class PretrainDataModule(L.LightningDataModule):
         vqa_turns: int = 1,
         restart_vqa_turns: int | None = None,
         turn_yes_no: float = 0.0,
+        num_workers: int = 0,
         spec: TinyLlavaSpec | None = None,
     ) -> None:
         super().__init__()
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be ≥ 0, got {num_workers}")
+        self.num_workers = num_workers
         self.facts = build_knowledge(num_entities, knowledge_seed)
         self.tokenizer = world_tokenizer(self.facts)
         self.spec = spec or TinyLlavaSpec()
@@ -482,7 +497,7 @@ class PretrainDataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.stream, batch_size=None, num_workers=0)
+        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
 
 
 class PretrainModule(L.LightningModule):

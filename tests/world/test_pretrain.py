@@ -147,6 +147,20 @@ def test_a_restart_leaves_the_stream_before_it_unchanged():
             torch.testing.assert_close(a[key], b[key])
 
 
+def test_workers_hand_out_the_steps_in_order_each_staged_by_its_own_step():
+    dm = PretrainDataModule(num_entities=20, batch_size=4, vision_batch_size=2, vision_steps=2, num_workers=2)
+    dm.stream.restart_step = 5
+    batches = [b for _, b in zip(range(7), dm.train_dataloader(), strict=False)]
+    stages = [("vision_pixels" in b, "input_ids" in b) for b in batches]
+    # stage 1 (vision only) at steps 0-1, stage 2 (both) at 2-4, stage 3 (language only) from 5
+    assert stages == [(True, False)] * 2 + [(True, True)] * 3 + [(False, True)] * 2
+    # the two workers draw from their own seeds: consecutive steps are not the same batch
+    assert not torch.equal(batches[0]["vision_pixels"], batches[1]["vision_pixels"])
+    assert not torch.equal(batches[5]["input_ids"][:2], batches[6]["input_ids"][:2])
+    with pytest.raises(ValueError, match="num_workers"):
+        PretrainDataModule(num_entities=20, num_workers=-1)
+
+
 def test_crowded_scenes_have_six_to_nine_objects():
     rng, facts = random.Random(0), build_knowledge(20)
     only_position = {q: float(q == "position") for q in QTYPES}
